@@ -1,0 +1,3 @@
+"""recur: pretraining recurrent large language models."""
+
+__version__ = "0.1.0"

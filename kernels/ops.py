@@ -1,0 +1,228 @@
+"""The public recurrence functions and their dispatch.
+
+Every function takes [batch, time, heads, dim] tensors and returns (output, final_state);
+`impl` picks the path: "naive" (sequential loop, the oracle), "chunk" (chunkwise-parallel
+PyTorch, the CPU path), "triton" (fla's GPU kernels, or ours where fla has none) or "auto".
+Packed batches: batch 1, `cu_seqlens` = [0, end_1, ..., T]; the state restarts at each boundary
+(from `initial_state[n]` when given) and one final state is returned per sequence.
+Decays, their sums and the states are float32 (float64 for float64 inputs); outputs keep the
+input dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import chunk, naive
+from ._common import check_shape, check_varlen, compute_dtype, resolve_impl, run_varlen
+
+
+def _run(impl, naive_fn, chunk_fn, chunk_size, inputs, pads, state, cu_seqlens, out_dtype, output_final_state):
+    """Casts to the compute dtype, runs the chosen PyTorch path (packed batches padded), casts back."""
+    dt = compute_dtype(*inputs, state)
+    fn = naive_fn if impl == "naive" else functools.partial(chunk_fn, chunk_size=chunk_size)
+    inputs = [x.to(dt) for x in inputs]
+    o, final = run_varlen(lambda *xs: fn(*xs, state=state.to(dt)), inputs, pads, cu_seqlens)
+    return o.to(out_dtype), (final if output_final_state else None)
+
+
+def _zero_state(initial_state, shape, like, name="initial_state"):
+    if initial_state is None:
+        return like.new_zeros(shape, dtype=compute_dtype(like))
+    check_shape(name, initial_state, shape)
+    return initial_state
+
+
+def _check_qkv(q, k, v, head_dims=None):
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, time, heads, dim], got shape {list(q.shape)}")
+    B, T, H, K = q.shape
+    check_shape("k", k, (B, T, H, K))
+    check_shape("v", v, (B, T, H, None))
+    return B, T, H, K, v.shape[-1]
+
+
+def gated_linear_attention(q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, impl="auto", chunk_size=64):
+    """S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t,  o_t = scale · q_t S_t;  g = log_decay [B, T, H, K] ≤ 0.
+
+    GLA, HGRN2, Liger. State [N, H, K, V].
+    """
+    B, T, H, K, V = _check_qkv(q, k, v)
+    check_shape("log_decay", log_decay, (B, T, H, K))
+    N = check_varlen(cu_seqlens, B, T)
+    scale = K**-0.5 if scale is None else scale
+    impl = resolve_impl(impl, q)
+    if impl == "triton":
+        from . import fla_ops
+
+        return fla_ops.gla(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    state = _zero_state(initial_state, (N, H, K, V), q)
+    return _run(impl, functools.partial(naive.gla_naive, scale=scale), functools.partial(chunk.gla_chunk, scale=scale),
+                chunk_size, [q, k, v, log_decay], [0, 0, 0, 0], state, cu_seqlens, v.dtype, output_final_state)
+
+
+def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, impl="auto", chunk_size=64):
+    """As `gated_linear_attention` with one log-decay per head and step: log_decay [B, T, H].
+
+    Mamba-2's SSD (q = C, k = B, v = Δ·x, g = Δ·A, scale = 1) and RetNet. State [N, H, K, V].
+    """
+    B, T, H, K, V = _check_qkv(q, k, v)
+    check_shape("log_decay", log_decay, (B, T, H))
+    N = check_varlen(cu_seqlens, B, T)
+    scale = K**-0.5 if scale is None else scale
+    impl = resolve_impl(impl, q)
+    if impl == "triton":
+        from . import fla_ops
+
+        return fla_ops.scalar_decay(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    state = _zero_state(initial_state, (N, H, K, V), q)
+    return _run(impl, functools.partial(naive.scalar_decay_naive, scale=scale),
+                functools.partial(chunk.scalar_decay_chunk, scale=scale),
+                chunk_size, [q, k, v, log_decay], [0, 0, 0, 0], state, cu_seqlens, v.dtype, output_final_state)
+
+
+def rwkv6(r, k, v, log_decay, bonus, initial_state=None, output_final_state=False, cu_seqlens=None,
+          impl="auto", chunk_size=64):
+    """o_t = r_t (S_{t−1} + diag(u) k_tᵀ v_t), then S_t = diag(exp(w_t)) S_{t−1} + k_tᵀ v_t.
+
+    w = log_decay [B, T, H, K] (RWKV-6: −exp(decay)); u = bonus [H, K]; no 1/√d. State [N, H, K, V].
+    """
+    B, T, H, K, V = _check_qkv(r, k, v)
+    check_shape("log_decay", log_decay, (B, T, H, K))
+    check_shape("bonus", bonus, (H, K))
+    N = check_varlen(cu_seqlens, B, T)
+    impl = resolve_impl(impl, r)
+    if impl == "triton":
+        from . import fla_ops
+
+        return fla_ops.rwkv6(r, k, v, log_decay, bonus, initial_state, output_final_state, cu_seqlens)
+    state = _zero_state(initial_state, (N, H, K, V), r)
+    u = bonus.to(compute_dtype(r, bonus))
+    return _run(impl, functools.partial(naive.rwkv6_naive, bonus=u), functools.partial(chunk.rwkv6_chunk, bonus=u),
+                chunk_size, [r, k, v, log_decay], [0, 0, 0, 0], state, cu_seqlens, v.dtype, output_final_state)
+
+
+def gated_delta_rule(q, k, v, beta, log_decay, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, impl="auto", chunk_size=64):
+    """S_t = exp(g_t)(I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t,  o_t = scale · q_t S_t.
+
+    beta, log_decay [B, T, H]; pass k L2-normalised. Titans' linear memory, Gated DeltaNet.
+    """
+    B, T, H, K, V = _check_qkv(q, k, v)
+    check_shape("beta", beta, (B, T, H))
+    check_shape("log_decay", log_decay, (B, T, H))
+    N = check_varlen(cu_seqlens, B, T)
+    scale = K**-0.5 if scale is None else scale
+    impl = resolve_impl(impl, q)
+    if impl == "triton":
+        from . import fla_ops
+
+        return fla_ops.gated_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+    state = _zero_state(initial_state, (N, H, K, V), q)
+    return _run(impl, functools.partial(naive.delta_rule_naive, scale=scale),
+                functools.partial(chunk.delta_rule_chunk, scale=scale),
+                chunk_size, [q, k, v, beta, log_decay], [0, 0, 0, 0, 0], state, cu_seqlens, v.dtype,
+                output_final_state)
+
+
+def diagonal_recurrence(x, log_decay, initial_state=None, output_final_state=False, cu_seqlens=None,
+                        impl="auto", chunk_size=64):
+    """h_t = exp(a_t) ⊙ h_{t−1} + x_t;  x, log_decay [B, T, D]; returns (h, h_T). Griffin, HGRN.
+
+    A log-decay of −inf drops the state (a document start).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [batch, time, dim], got shape {list(x.shape)}")
+    B, T, D = x.shape
+    check_shape("log_decay", log_decay, (B, T, D))
+    N = check_varlen(cu_seqlens, B, T)
+    impl = resolve_impl(impl, x)
+    if impl == "triton":
+        from . import fla_ops
+
+        return fla_ops.diagonal(x, log_decay, initial_state, output_final_state, cu_seqlens)
+    state = _zero_state(initial_state, (N, D), x)
+    return _run(impl, naive.diagonal_naive, chunk.diagonal_chunk, chunk_size, [x, log_decay], [0, 0],
+                state, cu_seqlens, x.dtype, output_final_state)
+
+
+def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, output_final_state=False,
+                             cu_seqlens=None, impl="auto", chunk_size=64):
+    """Causal softmax attention of each query over the last `window` keys, itself included.
+
+    k, v may have fewer heads than q (grouped / multi-query). The state is the window cache
+    (keys [N, window−1, Hk, K], values [N, window−1, Hk, V], valid [N, window−1] bool), so
+    prefill can be chunked and decoding keeps constant memory.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, time, heads, dim], got shape {list(q.shape)}")
+    B, T, H, K = q.shape
+    if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != K or H % k.shape[2]:
+        raise ValueError(f"k has shape {list(k.shape)}; expected [{B}, {T}, Hk, {K}] with Hk dividing {H}")
+    Hk = k.shape[2]
+    check_shape("v", v, (B, T, Hk, None))
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    N = check_varlen(cu_seqlens, B, T)
+    scale = K**-0.5 if scale is None else scale
+    impl = resolve_impl(impl, q)
+    P = window - 1
+    if impl == "triton" and initial_state is None:
+        from . import fla_ops
+
+        o = fla_ops.window(q, k, v, window, scale, cu_seqlens)
+    else:
+        if impl == "triton":  # fla's kernel takes no cache: a chunked prefill continues in PyTorch
+            impl = "chunk"
+        dt = compute_dtype(q, k, v)
+        if initial_state is None:
+            # Without a cache, a window longer than the segment is the whole causal prefix.
+            size = min(P, T)
+            cache = (q.new_zeros(N, size, Hk, K, dtype=dt), q.new_zeros(N, size, Hk, v.shape[-1], dtype=dt),
+                     torch.zeros(N, size, dtype=torch.bool, device=q.device))
+        else:
+            keys, values, valid = _check_window_state(initial_state, N, P, Hk, K, v.shape[-1])
+            cache = (keys.to(dt), values.to(dt), valid)
+        fn = naive.window_naive if impl == "naive" else functools.partial(chunk.window_chunk, chunk_size=chunk_size)
+        o, _ = run_varlen(lambda q, k, v: fn(q, k, v, scale=scale, state=cache),
+                          [q.to(dt), k.to(dt), v.to(dt)], [0, 0, 0], cu_seqlens)
+        o = o.to(v.dtype)
+    if not output_final_state:
+        return o, None
+    return o, _window_final_state(initial_state, k, v, P, N, cu_seqlens)
+
+
+def _check_window_state(state, N, P, Hk, K, V):
+    if not (isinstance(state, (tuple, list)) and len(state) == 3):
+        raise ValueError("initial_state for sliding_window_attention must be (keys, values, valid)")
+    check_shape("initial_state keys", state[0], (N, P, Hk, K))
+    check_shape("initial_state values", state[1], (N, P, Hk, V))
+    check_shape("initial_state valid", state[2], (N, P))
+    return tuple(state)
+
+
+def _window_final_state(initial_state, k, v, P, N, cu_seqlens):
+    """The last window−1 keys/values of each sequence (cache ‖ segment), invalid-padded on the left."""
+    if cu_seqlens is None:
+        lengths = torch.full((N,), k.shape[1], dtype=torch.long, device=k.device)
+    else:
+        from ._common import pack_to_padded
+
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(k.device)
+        k, v = pack_to_padded(k, cu_seqlens), pack_to_padded(v, cu_seqlens)
+    L = k.shape[1]
+    if initial_state is None:
+        cache = (k.new_zeros(N, P, *k.shape[2:]), v.new_zeros(N, P, *v.shape[2:]),
+                 torch.zeros(N, P, dtype=torch.bool, device=k.device))
+    else:
+        cache = initial_state
+    keys = torch.cat([k.new_zeros(N, P, *k.shape[2:]), cache[0].to(k.dtype), k], 1)
+    values = torch.cat([v.new_zeros(N, P, *v.shape[2:]), cache[1].to(v.dtype), v], 1)
+    valid = torch.cat([torch.zeros(N, P, dtype=torch.bool, device=k.device), cache[2],
+                       torch.arange(L, device=k.device).unsqueeze(0) < lengths.unsqueeze(1)], 1)
+    idx = (P + P + lengths - P).unsqueeze(1) + torch.arange(P, device=k.device)  # [N, P]: positions end−P..end−1
+    take = lambda x: x.gather(1, idx.view(N, P, *([1] * (x.dim() - 2))).expand(N, P, *x.shape[2:]))
+    return take(keys), take(values), valid.gather(1, idx)
