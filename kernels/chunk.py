@@ -8,7 +8,7 @@ Numerics: log-decays are summed within each chunk (b = cumsum g, in float32 or w
 decay between positions j ≤ i is only ever formed as exp(b_i − b_j) with the pair masked to
 j ≤ i first, so every exponent is ≤ 0 and nothing overflows, whatever the decay strength. Where a
 product must be factored (queries × keys of earlier sub-blocks), it is split at a point r between
-them, exp(b_i − b_r) · exp(b_r − b_j), and both factors are again ≤ 1.
+them, exp(b_i − b_r) · exp(b_r − b_j), and both factors are again ≤ 1 (see `_gla_intra`).
 
 All inputs arrive already in the compute dtype, shaped [B, T, H, ·]; states are [B, H, K, V].
 """
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-SUB = 16  # sub-block size for the per-channel-decay intra-chunk products
-
 
 def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, n, C, D], zero-padded at the end (zeros are inert for every recurrence)."""
@@ -34,10 +31,9 @@ def _unchunked(x: torch.Tensor, T: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, D)[:, :T]
 
 
-def _chunk_size(T: int, chunk_size: int, sub: int = 1) -> int:
-    """No bigger than the sequence needs, and a multiple of `sub` when it is bigger than `sub`."""
-    C = min(chunk_size, max(T, 1))
-    return -(-C // sub) * sub if C > sub else C
+def _chunk_size(T: int, chunk_size: int) -> int:
+    """No bigger than the sequence needs."""
+    return min(chunk_size, max(T, 1))
 
 
 def _carry_states(decay: torch.Tensor, increments: torch.Tensor, state: torch.Tensor):
@@ -46,9 +42,10 @@ def _carry_states(decay: torch.Tensor, increments: torch.Tensor, state: torch.Te
     decay [B, H, n, K, 1] or [B, H, n, 1, 1]; increments [B, H, n, K, V]. Returns ([B, H, n, K, V], final).
     """
     entering = []
-    for c in range(increments.shape[2]):
+    # unbind, not indexing: the backward of one unbind is one stack; of n indexings, n full-size zero tensors.
+    for d, inc in zip(decay.unbind(2), increments.unbind(2)):
         entering.append(state)
-        state = decay[:, :, c] * state + increments[:, :, c]
+        state = d * state + inc
     return torch.stack(entering, 2), state
 
 
@@ -57,41 +54,39 @@ def _causal_exp(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
 
 
-def _gla_intra(q, k, bq, bk, strict: bool, sub: int) -> torch.Tensor:
-    """Intra-chunk scores A[i, j] = Σ_k q_ik k_jk exp(bq_ik − bk_jk) for j ≤ i (j < i if strict).
+def _gla_intra(q, k, v, bq, bk, strict: bool) -> torch.Tensor:
+    """Intra-chunk output Σ_{j ≤ i} (Σ_k q_ik k_jk exp(bq_ik − bk_jk)) v_j (j < i if strict).
 
-    q, k, bq, bk: [B, H, n, C, K]. Sub-blocks of `sub` rows: pairs in the same sub-block use the
-    exact per-channel exponent ([sub, sub, K]); pairs across sub-blocks are split at the point
-    r = last position before the query's sub-block, where bq_i ≤ b_r ≤ bk_j.
+    q, k, bq, bk: [B, H, n, C, K], C a power of two. Halving the blocks recursively: at each
+    level, the queries of a block's second half meet the keys of its first half through the
+    split point r = the first half's last position, exp(bq_i − b_r) · exp(b_r − bk_j), both ≤ 1,
+    so each level is two scalings and two matmuls. What remains are the pairs j = i, whose decay
+    is exp(0) = 1. Work O(C log C · K) per chunk instead of O(C² K) for the full pairwise exponent.
     """
     B, H, n, C, K = q.shape
-    m = C // sub
-    idx = torch.arange(C, device=q.device)
-    qs, ks, bqs, bks = (x.view(B, H, n, m, sub, K) for x in (q, k, bq, bk))
-
-    # Across sub-blocks: ref = bk at the position just before the sub-block (0 for the first).
-    ref = torch.cat([torch.zeros_like(bks[:, :, :, :1, :1]), bks[:, :, :, :-1, -1:]], 3)  # [B,H,n,m,1,K]
-    q_scaled = qs * (bqs - ref).exp()
-    before = idx.view(1, C) < (torch.arange(m, device=q.device) * sub).view(m, 1)  # key j before block I
-    k_scaled = k.unsqueeze(3) * _causal_exp(ref - bk.unsqueeze(3), before.view(m, C, 1))  # [B,H,n,m,C,K]
-    across = q_scaled @ k_scaled.transpose(-1, -2)  # [B,H,n,m,sub,C]
-
-    # Within a sub-block: the exact exponent for each channel.
-    i = torch.arange(sub, device=q.device)
-    mask = (i.view(sub, 1) > i.view(1, sub)) if strict else (i.view(sub, 1) >= i.view(1, sub))
-    decay = _causal_exp(bqs.unsqueeze(-2) - bks.unsqueeze(-3), mask.view(sub, sub, 1))  # [B,H,n,m,sub,sub,K]
-    within = (qs.unsqueeze(-2) * ks.unsqueeze(-3) * decay).sum(-1)  # [B,H,n,m,sub,sub]
-    eye = torch.eye(m, dtype=q.dtype, device=q.device)
-    within = (within.unsqueeze(-2) * eye.view(m, 1, m, 1)).reshape(B, H, n, m, sub, C)
-    return (across + within).reshape(B, H, n, C, C)
+    V = v.shape[-1]
+    o = torch.zeros_like(v) if strict else (q * k).sum(-1, keepdim=True) * v
+    S = C
+    while S > 1:
+        h = S // 2
+        # unbind (not indexing) so the backward is one stack, not a zero-filled copy per selection
+        (q_, q_late), (k_early, _), (_, bq_late), (bk_early, _), (v_early, _) = (
+            x.view(B, H, n, C // S, 2, h, x.shape[-1]).unbind(-3) for x in (q, k, bq, bk, v))
+        ref = bk_early[..., -1:, :]
+        scores = (q_late * (bq_late - ref).exp()) @ (k_early * (ref - bk_early).exp()).transpose(-1, -2)
+        o_late = scores @ v_early
+        o = o + torch.stack([torch.zeros_like(o_late), o_late], -3).view(B, H, n, C, V)
+        S = h
+    return o
 
 
 def _gla_core(q, k, v, g, scale, state, chunk_size, strict=False):
     """Per-key-channel decay; `strict` reads the state before the current token (RWKV-6)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = _chunk_size(T, chunk_size, SUB)
-    sub = SUB if C % SUB == 0 else C
+    if chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two for per-channel decays, got {chunk_size}")
+    C = min(chunk_size, 1 << max(T - 1, 0).bit_length())
     q, k, v, g = (_chunked(x, C) for x in (q, k, v, g))
     b = g.cumsum(-2)  # inclusive, within each chunk
     bq = b - g if strict else b
@@ -102,7 +97,7 @@ def _gla_core(q, k, v, g, scale, state, chunk_size, strict=False):
         state = q.new_zeros(B, H, K, V)
     entering, final = _carry_states(b_end.transpose(-1, -2).exp(), increments, state)
 
-    o = (q * bq.exp()) @ entering + _gla_intra(q, k, bq, b, strict, sub) @ v
+    o = (q * bq.exp()) @ entering + _gla_intra(q, k, v, bq, b, strict)
     return scale * _unchunked(o, T), final
 
 
@@ -168,11 +163,11 @@ def delta_rule_chunk(q, k, v, beta, log_decay, scale, state, chunk_size=64):
     k_to_end = k * (b_end - b).exp()
     decay_end = b_end.exp()  # [B,H,n,1,1]
     entering, corrected = [], []
-    for c in range(q.shape[2]):
+    for u_c, w_c, d_c, k_c in zip(*(x.unbind(2) for x in (u_tilde, w, decay_end, k_to_end))):
         entering.append(state)
-        u = u_tilde[:, :, c] - w[:, :, c] @ state
+        u = u_c - w_c @ state
         corrected.append(u)
-        state = decay_end[:, :, c] * state + k_to_end[:, :, c].transpose(-1, -2) @ u
+        state = d_c * state + k_c.transpose(-1, -2) @ u
     entering, u = torch.stack(entering, 2), torch.stack(corrected, 2)
 
     o = (q * b.exp()) @ entering + ((q @ k.transpose(-1, -2)) * lower) @ u

@@ -21,6 +21,9 @@ from ._common import check_shape, check_varlen, compute_dtype, resolve_impl, run
 def _run(impl, naive_fn, chunk_fn, chunk_size, inputs, pads, state, cu_seqlens, out_dtype, output_final_state):
     """Casts to the compute dtype, runs the chosen PyTorch path (packed batches padded), casts back."""
     dt = compute_dtype(*inputs, state)
+    if inputs[0].shape[1] == 0:  # an empty segment: nothing to compute, the state passes through
+        o = inputs[0].new_empty(inputs[0].shape[:-1] + state.shape[-1:], dtype=out_dtype)
+        return o, (state.to(dt) if output_final_state else None)
     fn = naive_fn if impl == "naive" else functools.partial(chunk_fn, chunk_size=chunk_size)
     inputs = [x.to(dt) for x in inputs]
     o, final = run_varlen(lambda *xs: fn(*xs, state=state.to(dt)), inputs, pads, cu_seqlens)
@@ -170,7 +173,9 @@ def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, ou
     scale = K**-0.5 if scale is None else scale
     impl = resolve_impl(impl, q)
     P = window - 1
-    if impl == "triton" and initial_state is None:
+    if T == 0:
+        o = v.new_empty(B, 0, H, v.shape[-1])
+    elif impl == "triton" and initial_state is None:
         from . import fla_ops
 
         o = fla_ops.window(q, k, v, window, scale, cu_seqlens)

@@ -12,7 +12,8 @@ tensor and steps through time from Python. Here one program owns a (batch row, b
 pair and runs the whole time loop on-chip with the gate math fused in, so the forward reads x and
 the two gate logits once and writes y once. The backward is the reverse-time scan of the same
 recurrence; it recomputes the gates from the saved inputs and takes h_{t-1} from the saved output
-y, so nothing beyond the inputs and the output is kept for it.
+y, so nothing beyond the inputs and the output is kept for it (for bf16 / fp16 inputs that h_{t-1}
+is the rounded output; keeping it exact would cost an extra float32 [B, T, D] tensor).
 """
 
 import os
@@ -32,8 +33,9 @@ def _one_minus_exp(v):
     """1 - exp(v) for v <= 0, accurate to float32 as v -> 0 (i.e. -expm1(v)).
 
     Computing 1 - exp(v) directly cancels when a -> 1, which is where mult = sqrt(1 - a^2) matters
-    most; libdevice's expm1 is not available in the interpreter, so use the Taylor series (exact to
-    float32 for |v| < 0.5) there and the direct form, which does not cancel, elsewhere.
+    most; libdevice's expm1 is not available in the interpreter, so use the degree-8 Taylor series
+    (truncation error < 1e-8 relative for |v| < 0.5) there and the direct form, which does not
+    cancel, elsewhere.
     """
     s = 1.0 + v * (1.0 / 8.0)
     s = 1.0 + v * (1.0 / 7.0) * s
@@ -99,7 +101,7 @@ def _rglru_bwd_kernel(
         dh = tl.load(dht_ptr + pid_b * D + offs_d, mask=mask, other=0.0)
     else:
         dh = tl.zeros([BLOCK_D], dtype=tl.float32)
-    # sum over t of dL/dlog_a_t * r_t; this program's share of dL/dsoftplus(a_param) once times -c.
+    # sum over t of dL/dlog_a_t * r_t; times -c it is this batch row's part of dL/dsoftplus(a_param).
     dsp = tl.zeros([BLOCK_D], dtype=tl.float32)
     off = (pid_b.to(tl.int64) * T + T - 1) * D + offs_d
     for i in range(T):
@@ -109,8 +111,10 @@ def _rglru_bwd_kernel(
         gx = tl.load(gx_ptr + off, mask=mask, other=0.0).to(tl.float32)
         dh += tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
         # h_{t-1} is the previous step's output, or the initial state at t = 0.
-        h_prev = tl.load(y_ptr + off - D, mask=mask & (t > 0), other=0.0).to(tl.float32)
-        h_prev = tl.where(t > 0, h_prev, h0)
+        if t > 0:
+            h_prev = tl.load(y_ptr + off - D, mask=mask, other=0.0).to(tl.float32)
+        else:
+            h_prev = h0
 
         r = tl.sigmoid(ga)
         i_gate = tl.sigmoid(gx)
@@ -127,8 +131,8 @@ def _rglru_bwd_kernel(
             rst = tl.load(reset_ptr + pid_b * T + t) != 0
             a = tl.where(rst, 0.0, a)
             mult = tl.where(rst, 1.0, mult)
-            dz = tl.where(rst, 0.0, dz)  # mult is the constant 1 at a reset
-        # log_a reaches h_t through a (times h_{t-1}) and through z = 1 - exp(2 log_a).
+        # log_a reaches h_t through a (times h_{t-1}) and through z = 1 - exp(2 log_a); at a reset
+        # it reaches neither, and the factor a = 0 zeroes both terms.
         dlog_a = a * (dh * h_prev - 2.0 * a * dz)
         du = dh * mult
         tl.store(dx_ptr + off, (du * i_gate).to(dx_ptr.dtype.element_ty), mask=mask)

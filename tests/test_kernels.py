@@ -1,0 +1,198 @@
+"""The kernels against the sequential loop (float64), and their contracts: packed batches,
+state hand-over, single-step decoding, dtypes, strong decays and bad input."""
+import pytest
+import torch
+
+from recur import kernels
+from recur.kernels.cases import NAMES, make_case, step
+
+
+def _float_leaves(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (tuple, list)):
+        return [t for x in obj for t in _float_leaves(x)]
+    if isinstance(obj, dict):
+        return [t for x in obj.values() for t in _float_leaves(x)]
+    return []
+
+
+def _with_grad(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone().requires_grad_(obj.is_floating_point())
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_with_grad(x) for x in obj)
+    if isinstance(obj, dict):
+        return {n: _with_grad(x) for n, x in obj.items()}
+    return obj
+
+
+def run_with_grads(case, impl, inputs=None, state=None, cu_seqlens=None, **kw):
+    """Output, final state and the gradients of (o·do + state·dstate) w.r.t. every float input."""
+    inputs = _with_grad(case.inputs if inputs is None else inputs)
+    state = _with_grad(state)
+    kwargs = _with_grad(case.kwargs)
+    leaves = _float_leaves(inputs) + _float_leaves(state) + _float_leaves(kwargs)
+    o, final = case.fn(*inputs.values(), **kwargs, initial_state=state, output_final_state=True,
+                       cu_seqlens=cu_seqlens, impl=impl, **kw)
+    g = torch.Generator().manual_seed(1)
+    outs = [o] + _float_leaves(final)
+    loss = sum((x * torch.randn(x.shape, dtype=x.dtype, generator=g)).sum() for x in outs)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [x.detach() for x in outs], [torch.zeros_like(l) if d is None else d for l, d in zip(leaves, grads)]
+
+
+def assert_close(a, b, what, atol=1e-9, rtol=1e-7):
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape, f"{what}[{i}]: shape {x.shape} vs {y.shape}"
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("T,chunk_size", [(1, 64), (63, 64), (64, 64), (65, 64), (65, 16), (1000, 32)])
+def test_chunk_matches_loop(name, T, chunk_size):
+    """Outputs, final states and all gradients (initial state included), float64, ragged shapes."""
+    case = make_case(name, T=T, K=12, V=10)
+    ref_out, ref_grad = run_with_grads(case, "naive", state=case.state)
+    out, grad = run_with_grads(case, "chunk", state=case.state, chunk_size=chunk_size)
+    assert_close(out, ref_out, f"{name} outputs")
+    assert_close(grad, ref_grad, f"{name} gradients")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunk_matches_loop_without_initial_state(name):
+    case = make_case(name, T=70, K=5, V=3, seed=3)
+    assert_close(run_with_grads(case, "chunk")[1], run_with_grads(case, "naive")[1], f"{name} gradients")
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_equals_one_by_one(name, impl):
+    lengths = [5, 0, 64, 1, 30]  # an empty sequence too
+    case = make_case(name, B=1, T=sum(lengths), seed=2)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    states = make_case(name, B=len(lengths), T=1, seed=5).state
+    packed_out, packed_grad = run_with_grads(case, impl, state=states, cu_seqlens=cu)
+    o, final = case(impl, state=states, cu_seqlens=cu)
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        one = _index_state(states, n)
+        o_n, final_n = case(impl, inputs=case.slice(a, b), state=one)
+        torch.testing.assert_close(o[:, a:b], o_n, atol=1e-10, rtol=1e-8)
+        for x, y in zip(_float_leaves(final_n) + _bool_leaves(final_n),
+                        _float_leaves(_index_state(final, n)) + _bool_leaves(_index_state(final, n))):
+            torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-8)
+
+
+def _index_state(state, n):
+    if isinstance(state, tuple):
+        return tuple(s[n:n + 1] for s in state)
+    return state[n:n + 1]
+
+
+def _bool_leaves(state):
+    return [s for s in state if s.dtype == torch.bool] if isinstance(state, tuple) else []
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunk"])
+@pytest.mark.parametrize("name", NAMES)
+def test_state_hand_over(name, impl):
+    """[0:T1] then [T1:T] with the state handed over equals the full run, gradients included."""
+    case = make_case(name, T=90, seed=4)
+    full_out, full_grad = run_with_grads(case, impl, state=case.state)
+    o1, s1 = case(impl, inputs=case.slice(0, 37), state=case.state)
+    o2, s2 = case(impl, inputs=case.slice(37, 90), state=s1)
+    torch.testing.assert_close(torch.cat([o1, o2], 1), full_out[0], atol=1e-10, rtol=1e-8)
+    assert_close(_float_leaves(s2), full_out[1:], "final state")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_single_steps_equal_full_run(name):
+    case = make_case(name, T=20, seed=6)
+    o, final = case("chunk", state=case.state)
+    state, outs = case.state, []
+    for t in range(20):
+        o_t, state = step(case, {n: x[:, t] for n, x in case.inputs.items()}, state)
+        outs.append(o_t)
+    torch.testing.assert_close(torch.stack(outs, 1), o, atol=1e-10, rtol=1e-8)
+    assert_close(_float_leaves(state), _float_leaves(final), "state")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_inputs_keep_float32_state(name, dtype):
+    case = make_case(name, T=65, seed=7)
+    ref, ref_state = case("naive", state=case.state)
+    low = {n: x.to(dtype) for n, x in case.inputs.items()}
+    o, final = case("chunk", inputs=low, state=case.state if name == "sliding_window_attention" else
+                    case.state.float())
+    assert o.dtype == dtype
+    if name != "sliding_window_attention":
+        assert final.dtype == torch.float32
+    tol = 2e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(o.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "sliding_window_attention"])
+def test_strong_decays_stay_finite(name):
+    """Decays of e^-60 per step: exp(cum_i)·exp(−cum_j) would overflow float32 within a chunk."""
+    case = make_case(name, T=200, dtype=torch.float32, seed=8)
+    decay = "log_decay"
+    case.inputs[decay] = torch.full_like(case.inputs[decay], -60.0)
+    state = case.state.float()
+    out, grad = run_with_grads(case, "chunk", state=state)
+    ref_out, ref_grad = run_with_grads(case, "naive", state=state)
+    for x in out + grad:
+        assert torch.isfinite(x).all()
+    assert_close(out, ref_out, f"{name} outputs", atol=1e-4, rtol=1e-4)
+    assert_close(grad, ref_grad, f"{name} gradients", atol=1e-4, rtol=1e-4)
+
+
+def test_document_start_drops_state():
+    """A log-decay of −inf resets the diagonal recurrence (how Griffin marks document starts)."""
+    x = torch.randn(1, 100, 8, dtype=torch.float64)
+    a = torch.full_like(x, -0.1)
+    a[:, 40] = float("-inf")
+    for impl in ["naive", "chunk"]:
+        xg = x.clone().requires_grad_()
+        h, _ = kernels.diagonal_recurrence(xg, a, impl=impl)
+        h2, _ = kernels.diagonal_recurrence(x[:, 40:], a[:, 40:].clamp(min=-0.1), impl=impl)
+        torch.testing.assert_close(h[:, 40:], h2)
+        h.sum().backward()
+        assert torch.isfinite(xg.grad).all()
+
+
+def test_sliding_window_sees_itself_and_window_minus_one_before():
+    """window=3: query t attends keys t−2, t−1, t; checked against an explicit softmax."""
+    q, k, v = (torch.randn(1, 9, 1, 4, dtype=torch.float64) for _ in range(3))
+    for impl in ["naive", "chunk"]:
+        o, _ = kernels.sliding_window_attention(q, k, v, window=3, impl=impl)
+        for t in range(9):
+            lo = max(0, t - 2)
+            w = torch.softmax((k[0, lo:t + 1, 0] @ q[0, t, 0]) / 2.0, 0)
+            torch.testing.assert_close(o[0, t, 0], w @ v[0, lo:t + 1, 0])
+
+
+def test_window_longer_than_sequence_is_causal_attention():
+    q, k, v = (torch.randn(2, 30, 4, 8, dtype=torch.float64) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    o, _ = kernels.sliding_window_attention(q, k, v, window=1000, impl="chunk")
+    torch.testing.assert_close(o, ref.transpose(1, 2))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda q, k, v, g: kernels.gated_linear_attention(q, k[:, :5], v, g), "k has shape"),
+    (lambda q, k, v, g: kernels.gated_linear_attention(q, k, v, g[..., 0]), "log_decay has shape"),
+    (lambda q, k, v, g: kernels.gated_linear_attention(q, k, v, g, impl="fast"), "impl must be one of"),
+    (lambda q, k, v, g: kernels.gated_linear_attention(q, k, v, g, cu_seqlens=torch.tensor([0, 5])), "batch size 1"),
+    (lambda q, k, v, g: kernels.gated_linear_attention(q[:1], k[:1], v[:1], g[:1], cu_seqlens=torch.tensor([0, 3])),
+     "must rise from 0 to T=10"),
+    (lambda q, k, v, g: kernels.gated_linear_attention(q, k, v, g, chunk_size=48), "power of two"),
+    (lambda q, k, v, g: kernels.gated_linear_attention(q, k, v, g, initial_state=torch.zeros(2, 3, 4)),
+     "initial_state has shape"),
+    (lambda q, k, v, g: kernels.gated_linear_attention(q, k, v, g, impl="triton"), "needs CUDA tensors"),
+    (lambda q, k, v, g: kernels.sliding_window_attention(q, k, v, window=0), "window must be a positive int"),
+])
+def test_bad_input_is_refused_with_a_clear_message(bad, message):
+    q, k, v, g = (torch.randn(2, 10, 3, 4) for _ in range(4))
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        bad(q, k, v, g)
