@@ -22,13 +22,14 @@ from .ops import (
     diagonal_recurrence,
     gated_delta_rule,
     gated_linear_attention,
+    rg_lru,
     rwkv6,
     scalar_decay_attention,
     sliding_window_attention,
 )
 
 __all__ = [
-    "gated_linear_attention", "scalar_decay_attention", "rwkv6", "gated_delta_rule", "diagonal_recurrence",
+    "gated_linear_attention", "scalar_decay_attention", "rwkv6", "gated_delta_rule", "diagonal_recurrence", "rg_lru",
     "sliding_window_attention", "gated_linear_attention_step", "scalar_decay_attention_step", "rwkv6_step",
     "gated_delta_rule_step", "diagonal_recurrence_step", "sliding_window_attention_step",
 ]

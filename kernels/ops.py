@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from . import chunk, naive
 from ._common import check_shape, check_varlen, compute_dtype, resolve_impl, run_varlen
@@ -231,3 +232,42 @@ def _window_final_state(initial_state, k, v, P, N, cu_seqlens):
     idx = (P + P + lengths - P).unsqueeze(1) + torch.arange(P, device=k.device)  # [N, P]: positions end−P..end−1
     take = lambda x: x.gather(1, idx.view(N, P, *([1] * (x.dim() - 2))).expand(N, P, *x.shape[2:]))
     return take(keys), take(values), valid.gather(1, idx)
+
+
+def rg_lru(x, gate_a, gate_x, a_param, c=8.0, reset=None, initial_state=None, output_final_state=False,
+           impl="auto", chunk_size=64):
+    """Griffin's Real-Gated Linear Recurrent Unit over x, gate logits [B, T, D] and Λ = a_param [D]:
+
+        log a_t = −c · softplus(Λ) · σ(gate_a_t),   h_t = a_t ⊙ h_{t−1} + sqrt(1 − a_t²) ⊙ σ(gate_x_t) ⊙ x_t
+
+    `reset` [B, T] marks document starts: the state is dropped and the input is not rescaled there
+    (RecurrentGemma's convention). The GPU path is our fused Triton kernel; the CPU paths compute the
+    gates in PyTorch and run `diagonal_recurrence`. Returns (h, h_T).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [batch, time, dim], got shape {list(x.shape)}")
+    B, T, D = x.shape
+    check_shape("gate_a", gate_a, (B, T, D))
+    check_shape("gate_x", gate_x, (B, T, D))
+    check_shape("a_param", a_param, (D,))
+    if reset is not None:
+        check_shape("reset", reset, (B, T))
+    if initial_state is not None:
+        check_shape("initial_state", initial_state, (B, D))
+    impl = resolve_impl(impl, x)
+    if impl == "triton":
+        from .rglru_triton import rg_lru_triton
+
+        return rg_lru_triton(x, gate_a, gate_x, a_param, c, reset, initial_state, output_final_state)
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
+
+    dt = compute_dtype(x, gate_a, gate_x, a_param)
+    log_a = -c * F.softplus(a_param.to(dt)) * torch.sigmoid(gate_a.to(dt))
+    # sqrt(1 − a²) = sqrt(−expm1(2 log a)), with transformers' bounded derivative (finite as a → 1)
+    multiplier = SqrtBoundDerivative.apply(-torch.expm1(2 * log_a))
+    if reset is not None:
+        multiplier = torch.where(reset.unsqueeze(-1), torch.ones_like(multiplier), multiplier)
+        log_a = log_a.masked_fill(reset.unsqueeze(-1), float("-inf"))
+    gated_x = multiplier * torch.sigmoid(gate_x.to(dt)) * x.to(dt)
+    h, final = diagonal_recurrence(gated_x, log_a, initial_state, output_final_state, impl=impl, chunk_size=chunk_size)
+    return h.to(x.dtype), final
