@@ -1,0 +1,76 @@
+"""The package itself: imports without a GPU, the command line, the installed files, the demo job."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import recur
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_import_needs_no_gpu_and_loads_no_heavy_library():
+    """`import recur.kernels` works with CUDA hidden and does not import fla, triton or deepspeed."""
+    r = _python("import sys, recur, recur.kernels, recur.modeling, recur.train, recur.data, recur.eval\n"
+                "heavy = [m for m in ('fla', 'triton', 'deepspeed') if m in sys.modules]\n"
+                "assert not heavy, heavy\n"
+                "import torch; assert not torch.cuda.is_available()", CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stderr
+
+
+def test_fla_and_triton_import_without_a_gpu_driver():
+    """With fla and triton installed but no driver, our GPU modules still import; auto picks the CPU path."""
+    pytest.importorskip("fla", reason="flash-linear-attention is not installed")
+    r = _python("import torch, recur.kernels.rglru_triton, recur.kernels.fla_ops\n"
+                "from recur.kernels._common import resolve_impl\n"
+                "assert resolve_impl('auto', torch.zeros(1, 5)) == 'chunk'", CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stderr
+
+
+def test_recipes_and_slurm_folders_are_found_by_the_installed_code():
+    assert recur.RECIPES_DIR.is_dir() and recur.SLURM_DIR.is_dir()
+
+
+def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("recur-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for sub in ["kernels", "modeling", "train", "data", "eval"]:
+        assert f"recur/{sub}/__init__.py" in names
+    assert "recur/kernels/chunk.py" in names and "recur/cli.py" in names
+    assert any(n.startswith("recur/recipes/") for n in names)
+    assert any(n.startswith("recur/slurm/") for n in names)
+    assert not any(n.startswith("recur/tests/") for n in names)
+
+
+def test_command_line_lists_its_jobs():
+    r = subprocess.run([sys.executable, "-m", "recur.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "recur.cli", "train"], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_demo_job_trains_evaluates_and_decodes(tmp_path):
+    """The README's main job, shortened: held-out loss falls and the cached decode matches."""
+    r = subprocess.run([sys.executable, "-m", "recur.cli", "demo", "--steps", "30", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "equals the full forward: yes" in r.stdout
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 30
+
+
+def test_kernel_benchmark_prints_a_table():
+    r = subprocess.run([sys.executable, "-m", "recur.cli", "bench", "kernels", "--lengths", "64", "128",
+                        "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [l for l in r.stdout.splitlines() if l.startswith("| ")]
+    assert len(lines) == 1 + 7  # header + one row per function
