@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,23 +28,17 @@ def fla_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, x: torch.Tensor, has_triton: bool = True) -> str:
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
     """`auto`: GPU kernels for CUDA tensors, the chunkwise form elsewhere, one plain step for T == 1."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if x.is_cuda and has_triton and fla_available():
+        if x.is_cuda and fla_available():
             return "triton"
         return "naive" if x.shape[1] == 1 else "chunk"
-    if impl == "triton" and not (x.is_cuda or _triton_interpreter()):
+    if impl == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for our own Triton kernels)")
     return impl
-
-
-def _triton_interpreter() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
@@ -67,12 +62,12 @@ def check_varlen(cu_seqlens: torch.Tensor | None, batch: int, total: int) -> int
     return len(c) - 1
 
 
-def pack_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, pad_value: float = 0.0) -> torch.Tensor:
+def pack_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """[1, T, ...] packed -> [N, Lmax, ...], each sequence left-aligned and padded at its end."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     parts = x[0].split(lengths)
     lmax = max(lengths) if lengths else 0
-    rows = [F.pad(p, (0, 0) * (p.dim() - 1) + (0, lmax - p.shape[0]), value=pad_value) for p in parts]
+    rows = [F.pad(p, (0, 0) * (p.dim() - 1) + (0, lmax - p.shape[0])) for p in parts]
     return torch.stack(rows)
 
 
@@ -82,14 +77,13 @@ def padded_to_pack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     return torch.cat([row[:n] for row, n in zip(x, lengths)]).unsqueeze(0)
 
 
-def run_varlen(fn, inputs: list, pad_values: list, cu_seqlens, **kw):
-    """Runs `fn(*inputs, **kw) -> (out, state)` on a packed batch by padding it into [N, Lmax].
+def run_varlen(fn, inputs: list, cu_seqlens):
+    """Runs `fn(*inputs) -> (out, state)` on a packed batch by padding it into [N, Lmax].
 
-    Pads go at the end of each sequence with values chosen to be inert (zero input, zero
-    log-decay), so the state after the pads is the state at the sequence's true end.
+    Pads are zeros at the end of each sequence, and zeros are inert for every recurrence here
+    (no input, log-decay 0, β 0), so the state after the pads is the state at the sequence's end.
     """
     if cu_seqlens is None:
-        return fn(*inputs, **kw)
-    padded = [pack_to_padded(x, cu_seqlens, p) for x, p in zip(inputs, pad_values)]
-    out, state = fn(*padded, **kw)
+        return fn(*inputs)
+    out, state = fn(*(pack_to_padded(x, cu_seqlens) for x in inputs))
     return padded_to_pack(out, cu_seqlens), state

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fla.ops.attn import parallel_attn
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from fla.ops.gla import chunk_gla
-from fla.ops.hgrn import chunk_hgrn, fused_recurrent_hgrn
+from fla.ops.hgrn import fused_recurrent_hgrn
 from fla.ops.rwkv6 import chunk_rwkv6
 from fla.ops.simple_gla import chunk_simple_gla
 
@@ -35,9 +35,10 @@ def gated_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_fina
 
 
 def diagonal(x, log_decay, initial_state, output_final_state, cu_seqlens):
-    if cu_seqlens is not None:  # fla's chunked HGRN has no varlen form
-        return fused_recurrent_hgrn(x, log_decay.float(), initial_state, output_final_state, cu_seqlens)
-    return chunk_hgrn(x, log_decay.float(), initial_state, output_final_state)
+    # The fused recurrent kernel, not chunk_hgrn: it takes cu_seqlens, and it multiplies by exp(g)
+    # step by step, so a −inf log-decay (a document start) gives 0, where chunk_hgrn's
+    # differences of cumulative sums would give −inf − (−inf) = NaN.
+    return fused_recurrent_hgrn(x, log_decay.float(), initial_state, output_final_state, cu_seqlens)
 
 
 def window(q, k, v, window, scale, cu_seqlens):

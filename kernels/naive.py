@@ -65,8 +65,9 @@ def window_step(q, k, v, state, scale):
 
 def _loop(step, per_step, state, *extra):
     outs = []
-    for t in range(per_step[0].shape[1]):
-        o, state = step(*(x[:, t] for x in per_step), state, *extra)
+    # unbind rather than x[:, t]: the backward of T indexings would build T full-size gradients
+    for inputs_t in zip(*(x.unbind(1) for x in per_step)):
+        o, state = step(*inputs_t, state, *extra)
         outs.append(o)
     return torch.stack(outs, 1), state
 

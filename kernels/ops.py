@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from . import chunk, naive
-from ._common import check_shape, check_varlen, compute_dtype, resolve_impl, run_varlen
+from ._common import check_shape, check_varlen, compute_dtype, pack_to_padded, resolve_impl, run_varlen
 
 
-def _run(impl, naive_fn, chunk_fn, chunk_size, inputs, pads, state, cu_seqlens, out_dtype, output_final_state):
+def _run(impl, naive_fn, chunk_fn, chunk_size, inputs, state, cu_seqlens, out_dtype, output_final_state):
     """Casts to the compute dtype, runs the chosen PyTorch path (packed batches padded), casts back."""
     dt = compute_dtype(*inputs, state)
     if inputs[0].shape[1] == 0:  # an empty segment: nothing to compute, the state passes through
@@ -27,18 +27,18 @@ def _run(impl, naive_fn, chunk_fn, chunk_size, inputs, pads, state, cu_seqlens, 
         return o, (state.to(dt) if output_final_state else None)
     fn = naive_fn if impl == "naive" else functools.partial(chunk_fn, chunk_size=chunk_size)
     inputs = [x.to(dt) for x in inputs]
-    o, final = run_varlen(lambda *xs: fn(*xs, state=state.to(dt)), inputs, pads, cu_seqlens)
+    o, final = run_varlen(lambda *xs: fn(*xs, state=state.to(dt)), inputs, cu_seqlens)
     return o.to(out_dtype), (final if output_final_state else None)
 
 
-def _zero_state(initial_state, shape, like, name="initial_state"):
+def _zero_state(initial_state, shape, like):
     if initial_state is None:
         return like.new_zeros(shape, dtype=compute_dtype(like))
-    check_shape(name, initial_state, shape)
+    check_shape("initial_state", initial_state, shape)
     return initial_state
 
 
-def _check_qkv(q, k, v, head_dims=None):
+def _check_qkv(q, k, v):
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, time, heads, dim], got shape {list(q.shape)}")
     B, T, H, K = q.shape
@@ -64,7 +64,7 @@ def gated_linear_attention(q, k, v, log_decay, scale=None, initial_state=None, o
         return fla_ops.gla(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     state = _zero_state(initial_state, (N, H, K, V), q)
     return _run(impl, functools.partial(naive.gla_naive, scale=scale), functools.partial(chunk.gla_chunk, scale=scale),
-                chunk_size, [q, k, v, log_decay], [0, 0, 0, 0], state, cu_seqlens, v.dtype, output_final_state)
+                chunk_size, [q, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
 
 def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, output_final_state=False,
@@ -85,7 +85,7 @@ def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, o
     state = _zero_state(initial_state, (N, H, K, V), q)
     return _run(impl, functools.partial(naive.scalar_decay_naive, scale=scale),
                 functools.partial(chunk.scalar_decay_chunk, scale=scale),
-                chunk_size, [q, k, v, log_decay], [0, 0, 0, 0], state, cu_seqlens, v.dtype, output_final_state)
+                chunk_size, [q, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
 
 def rwkv6(r, k, v, log_decay, bonus, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -106,7 +106,7 @@ def rwkv6(r, k, v, log_decay, bonus, initial_state=None, output_final_state=Fals
     state = _zero_state(initial_state, (N, H, K, V), r)
     u = bonus.to(compute_dtype(r, bonus))
     return _run(impl, functools.partial(naive.rwkv6_naive, bonus=u), functools.partial(chunk.rwkv6_chunk, bonus=u),
-                chunk_size, [r, k, v, log_decay], [0, 0, 0, 0], state, cu_seqlens, v.dtype, output_final_state)
+                chunk_size, [r, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
 
 def gated_delta_rule(q, k, v, beta, log_decay, scale=None, initial_state=None, output_final_state=False,
@@ -128,7 +128,7 @@ def gated_delta_rule(q, k, v, beta, log_decay, scale=None, initial_state=None, o
     state = _zero_state(initial_state, (N, H, K, V), q)
     return _run(impl, functools.partial(naive.delta_rule_naive, scale=scale),
                 functools.partial(chunk.delta_rule_chunk, scale=scale),
-                chunk_size, [q, k, v, beta, log_decay], [0, 0, 0, 0, 0], state, cu_seqlens, v.dtype,
+                chunk_size, [q, k, v, beta, log_decay], state, cu_seqlens, v.dtype,
                 output_final_state)
 
 
@@ -149,7 +149,7 @@ def diagonal_recurrence(x, log_decay, initial_state=None, output_final_state=Fal
 
         return fla_ops.diagonal(x, log_decay, initial_state, output_final_state, cu_seqlens)
     state = _zero_state(initial_state, (N, D), x)
-    return _run(impl, naive.diagonal_naive, chunk.diagonal_chunk, chunk_size, [x, log_decay], [0, 0],
+    return _run(impl, naive.diagonal_naive, chunk.diagonal_chunk, chunk_size, [x, log_decay],
                 state, cu_seqlens, x.dtype, output_final_state)
 
 
@@ -193,8 +193,8 @@ def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, ou
             keys, values, valid = _check_window_state(initial_state, N, P, Hk, K, v.shape[-1])
             cache = (keys.to(dt), values.to(dt), valid)
         fn = naive.window_naive if impl == "naive" else functools.partial(chunk.window_chunk, chunk_size=chunk_size)
-        o, _ = run_varlen(lambda q, k, v: fn(q, k, v, scale=scale, state=cache),
-                          [q.to(dt), k.to(dt), v.to(dt)], [0, 0, 0], cu_seqlens)
+        o, _ = run_varlen(lambda q, k, v: fn(q, k, v, scale=scale, state=cache), [q.to(dt), k.to(dt), v.to(dt)],
+                          cu_seqlens)
         o = o.to(v.dtype)
     if not output_final_state:
         return o, None
@@ -215,8 +215,6 @@ def _window_final_state(initial_state, k, v, P, N, cu_seqlens):
     if cu_seqlens is None:
         lengths = torch.full((N,), k.shape[1], dtype=torch.long, device=k.device)
     else:
-        from ._common import pack_to_padded
-
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(k.device)
         k, v = pack_to_padded(k, cu_seqlens), pack_to_padded(v, cu_seqlens)
     L = k.shape[1]
