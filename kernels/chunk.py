@@ -22,7 +22,7 @@ def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
     B, T, H, D = x.shape
     n = -(-T // C)
     x = F.pad(x, (0, 0, 0, 0, 0, n * C - T))
-    return x.view(B, n, C, H, D).permute(0, 3, 1, 2, 4)
+    return x.view(B, n, C, H, D).permute(0, 3, 1, 2, 4).contiguous()  # one copy here, not one per matmul
 
 
 def _unchunked(x: torch.Tensor, T: int) -> torch.Tensor:
@@ -54,30 +54,74 @@ def _causal_exp(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
 
 
-def _gla_intra(q, k, v, bq, bk, strict: bool) -> torch.Tensor:
-    """Intra-chunk output Σ_{j ≤ i} (Σ_k q_ik k_jk exp(bq_ik − bk_jk)) v_j (j < i if strict).
+def _halves(x: torch.Tensor, h: int):
+    """[..., C, D] -> views [..., C/2h, h, D] of the first and second half of each block of 2h rows."""
+    *lead, C, D = x.shape
+    return x.view(*lead, C // (2 * h), 2, h, D).unbind(-3)
 
-    q, k, bq, bk: [B, H, n, C, K], C a power of two. Halving the blocks recursively: at each
-    level, the queries of a block's second half meet the keys of its first half through the
-    split point r = the first half's last position, exp(bq_i − b_r) · exp(b_r − bk_j), both ≤ 1,
-    so each level is two scalings and two matmuls. What remains are the pairs j = i, whose decay
-    is exp(0) = 1. Work O(C log C · K) per chunk instead of O(C² K) for the full pairwise exponent.
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; for the 1- and 2-row blocks of the lowest levels as a broadcast product, which on CPU
+    beats thousands of tiny batched matmuls."""
+    return a @ b if a.shape[-2] > 2 else (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+def _levels(C: int):
+    h = C // 2
+    while h >= 1:
+        yield h
+        h //= 2
+
+
+class _GLAIntra(torch.autograd.Function):
+    """Intra-chunk output o_i = Σ_{j ≤ i} (Σ_k q_ik k_jk exp(bq_ik − bk_jk)) v_j  (j < i if strict).
+
+    q, k, bq, bk: [B, H, n, C, K], v [B, H, n, C, V], C a power of two. Halving the blocks
+    recursively: at each level the queries of a block's second half meet the keys of its first
+    half through the split point r = the first half's last position,
+    exp(bq_i − b_r) · exp(b_r − bk_j), both factors ≤ 1, so each level is two scalings and two
+    matmuls; what remains are the pairs j = i, whose decay is exp(0) = 1. O(C log C · K) work per
+    chunk instead of O(C² K) for the pairwise exponent. The backward is written out so that each
+    level adds into half-blocks in place, instead of autograd's zero-filled full-size copies.
     """
-    B, H, n, C, K = q.shape
-    V = v.shape[-1]
-    o = torch.zeros_like(v) if strict else (q * k).sum(-1, keepdim=True) * v
-    S = C
-    while S > 1:
-        h = S // 2
-        # unbind (not indexing) so the backward is one stack, not a zero-filled copy per selection
-        (q_, q_late), (k_early, _), (_, bq_late), (bk_early, _), (v_early, _) = (
-            x.view(B, H, n, C // S, 2, h, x.shape[-1]).unbind(-3) for x in (q, k, bq, bk, v))
-        ref = bk_early[..., -1:, :]
-        scores = (q_late * (bq_late - ref).exp()) @ (k_early * (ref - bk_early).exp()).transpose(-1, -2)
-        o_late = scores @ v_early
-        o = o + torch.stack([torch.zeros_like(o_late), o_late], -3).view(B, H, n, C, V)
-        S = h
-    return o
+
+    @staticmethod
+    def forward(ctx, q, k, v, bq, bk, strict):
+        o = torch.zeros_like(v) if strict else (q * k).sum(-1, keepdim=True) * v
+        saved = []  # per level: the scaled late queries and early keys, their decays, their scores
+        for h in _levels(q.shape[-2]):
+            (_, q_late), (k_early, _), (v_early, _), (_, bq_late), (bk_early, _) = (
+                _halves(x, h) for x in (q, k, v, bq, bk))
+            ref = bk_early[..., -1:, :]
+            eq, ek = (bq_late - ref).exp(), (ref - bk_early).exp()
+            qs, ks = q_late * eq, k_early * ek
+            scores = _mm(qs, ks.transpose(-1, -2))
+            _halves(o, h)[1].add_(_mm(scores, v_early))
+            saved += [qs, ks, eq, ek, scores]
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.strict = strict
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, *saved = ctx.saved_tensors
+        dv = torch.zeros_like(v)
+        dq, dk = torch.zeros_like(q), torch.zeros_like(k)  # through the decays only, until the end
+        for i, h in enumerate(_levels(q.shape[-2])):
+            qs, ks, eq, ek, scores = saved[5 * i:5 * i + 5]
+            do_late, v_early = _halves(do, h)[1], _halves(v, h)[0]
+            d_scores = _mm(do_late, v_early.transpose(-1, -2))
+            _halves(dv, h)[0].add_(_mm(scores.transpose(-1, -2), do_late))
+            _halves(dq, h)[1].add_(_mm(d_scores, ks) * eq)
+            _halves(dk, h)[0].add_(_mm(d_scores.transpose(-1, -2), qs) * ek)
+            # The split point r cancels in qs·ks (exp(−r)·exp(r)), so it gets no gradient.
+        dbq, dbk = dq * q, -dk * k  # d/dbq of q·exp(bq − r) is itself, of k·exp(r − bk) minus itself
+        if not ctx.strict:  # the j = i pairs: (q_i · k_i) v_i
+            dv += (q * k).sum(-1, keepdim=True) * do
+            d_qk = (do * v).sum(-1, keepdim=True)
+            dq += d_qk * k
+            dk += d_qk * q
+        return dq, dk, dv, dbq, dbk, None
 
 
 def _gla_core(q, k, v, g, scale, state, chunk_size, strict=False):
@@ -97,7 +141,7 @@ def _gla_core(q, k, v, g, scale, state, chunk_size, strict=False):
         state = q.new_zeros(B, H, K, V)
     entering, final = _carry_states(b_end.transpose(-1, -2).exp(), increments, state)
 
-    o = (q * bq.exp()) @ entering + _gla_intra(q, k, v, bq, b, strict)
+    o = (q * bq.exp()) @ entering + _GLAIntra.apply(q, k, v, bq, b, strict)
     return scale * _unchunked(o, T), final
 
 
@@ -174,39 +218,61 @@ def delta_rule_chunk(q, k, v, beta, log_decay, scale, state, chunk_size=64):
     return scale * _unchunked(o, T), state
 
 
-def _scan_in_chunks(x: torch.Tensor, a: torch.Tensor):
-    """h_t = exp(a_t) h_{t−1} + x_t along dim −2 (the C positions of each chunk), from h = 0.
+def _scan(x: torch.Tensor, decay: torch.Tensor, state, C: int) -> torch.Tensor:
+    """h_t = decay_t ⊙ h_{t−1} + x_t for x, decay [B, T, D], decay = exp(a) ∈ [0, 1]; no autograd.
 
-    A loop over the C positions, each step one fused multiply-add over all chunks at once: the
-    data is read once, where a log-depth scan would read it log C times. Returns h and the
-    inclusive cumulative log-decay from the chunk start (≤ 0: exp of it never overflows).
+    Inside chunks of C: a loop over the C positions, each step one multiply-add over all chunks
+    at once, written in place (the data is read once; a log-depth scan would read it log C
+    times). The state entering each chunk comes from the same scan one level up, over the T/C
+    chunk ends, so the work stays linear. Only products of decays ≤ 1 are formed, never a ratio.
     """
-    h, hs = None, []
-    for x_t, decay_t in zip(x.unbind(-2), a.exp().unbind(-2)):
-        h = x_t if h is None else torch.addcmul(x_t, decay_t, h)
-        hs.append(h)
-    return torch.stack(hs, -2), a.cumsum(-2)
+    B, T, D = x.shape
+    n = -(-T // C)
+    xs = F.pad(x, (0, 0, 0, n * C - T)).view(B, n, C, D)
+    ds = F.pad(decay, (0, 0, 0, n * C - T), value=1.0).view(B, n, C, D)
+    h, prod = torch.empty_like(xs), torch.empty_like(ds)  # local scan; decay product since the chunk start
+    h[:, :, 0], prod[:, :, 0] = xs[:, :, 0], ds[:, :, 0]
+    for t in range(1, C):
+        torch.addcmul(xs[:, :, t], ds[:, :, t], h[:, :, t - 1], out=h[:, :, t])
+        torch.mul(ds[:, :, t], prod[:, :, t - 1], out=prod[:, :, t])
+    if n > 1 or state is not None:
+        first = h.new_zeros(B, 1, D) if state is None else state.unsqueeze(1)
+        ends = _scan(h[:, :, -1], prod[:, :, -1], state, C) if n > 1 else None  # state after each chunk
+        entering = first if n == 1 else torch.cat([first, ends[:, :-1]], 1)
+        h.addcmul_(prod, entering.unsqueeze(2))
+    return h.view(B, n * C, D)[:, :T]
+
+
+class _DiagonalRecurrence(torch.autograd.Function):
+    """The scan forward; backward, the same scan run backwards in time, so autograd records nothing
+    per step: the gradient reaching h_t is g_t = dh_t + exp(a_{t+1}) g_{t+1}, and then
+    dx = g, da_t = g_t exp(a_t) h_{t−1}, dh_0 = g_0 exp(a_0)."""
+
+    @staticmethod
+    def forward(ctx, x, a, state, C):
+        decay = a.exp()
+        h = _scan(x, decay, None if state is None else state, C)
+        ctx.save_for_backward(decay, h, state)
+        ctx.C = C
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        decay, h, state = ctx.saved_tensors
+        reversed_decay = decay.flip(1)
+        shifted = torch.cat([torch.ones_like(reversed_decay[:, :1]), reversed_decay[:, :-1]], 1)  # exp(a_{t+1})
+        g = _scan(dh.flip(1), shifted, None, ctx.C).flip(1)
+        before = torch.cat([h.new_zeros(h[:, :1].shape) if state is None else state.unsqueeze(1), h[:, :-1]], 1)
+        d_state = None if state is None else g[:, 0] * decay[:, 0]
+        return g, g * decay * before, d_state, None
 
 
 def diagonal_chunk(x, log_decay, state, chunk_size=64):
-    """h_t = exp(a_t) ⊙ h_{t−1} + x_t for x [B, T, D]: scan inside chunks, then over chunk ends.
-
-    Linear work: the scan over the chunk ends is the same function one level up (T/C of them).
-    """
-    B, T, D = x.shape
-    C = max(2, chunk_size)
-    if T <= C:
-        h, cum = _scan_in_chunks(x, log_decay)
-        if state is not None:
-            h = h + cum.exp() * state.unsqueeze(1)
-        return h, h[:, -1] if T else state
-    n = -(-T // C)
-    xs, a = (F.pad(t, (0, 0, 0, n * C - T)).view(B, n, C, D) for t in (x, log_decay))
-    h, cum = _scan_in_chunks(xs, a)
-    ends, final = diagonal_chunk(h[:, :, -1], cum[:, :, -1], state, chunk_size)  # state after each chunk
-    entering = torch.cat([ends.new_zeros(B, 1, D) if state is None else state.unsqueeze(1), ends[:, :-1]], 1)
-    h = h + cum.exp() * entering.unsqueeze(2)
-    return h.reshape(B, n * C, D)[:, :T], final
+    """h_t = exp(a_t) ⊙ h_{t−1} + x_t for x, log_decay [B, T, D]; returns (h, h_T)."""
+    if x.shape[1] == 0:
+        return x, state
+    h = _DiagonalRecurrence.apply(x, log_decay, state, max(2, chunk_size))
+    return h, h[:, -1]
 
 
 def window_chunk(q, k, v, scale, state, chunk_size=64):

@@ -133,10 +133,11 @@ def gated_delta_rule(q, k, v, beta, log_decay, scale=None, initial_state=None, o
 
 
 def diagonal_recurrence(x, log_decay, initial_state=None, output_final_state=False, cu_seqlens=None,
-                        impl="auto", chunk_size=64):
+                        impl="auto", chunk_size=16):
     """h_t = exp(a_t) ⊙ h_{t−1} + x_t;  x, log_decay [B, T, D]; returns (h, h_T). Griffin, HGRN.
 
-    A log-decay of −inf drops the state (a document start).
+    A log-decay of −inf drops the state (a document start). The chunk path scans C = chunk_size
+    positions per step of a loop, so small chunks mean fewer steps in all (T/C chunk ends recurse).
     """
     if x.dim() != 3:
         raise ValueError(f"x must be [batch, time, dim], got shape {list(x.shape)}")
@@ -233,7 +234,7 @@ def _window_final_state(initial_state, k, v, P, N, cu_seqlens):
 
 
 def rg_lru(x, gate_a, gate_x, a_param, c=8.0, reset=None, initial_state=None, output_final_state=False,
-           impl="auto", chunk_size=64):
+           impl="auto", chunk_size=16):
     """Griffin's Real-Gated Linear Recurrent Unit over x, gate logits [B, T, D] and Λ = a_param [D]:
 
         log a_t = −c · softplus(Λ) · σ(gate_a_t),   h_t = a_t ⊙ h_{t−1} + sqrt(1 − a_t²) ⊙ σ(gate_x_t) ⊙ x_t
