@@ -218,9 +218,11 @@ def delta_rule_chunk(q, k, v, beta, log_decay, scale, state, chunk_size=64):
     return scale * _unchunked(o, T), state
 
 
-def _scan(x: torch.Tensor, decay: torch.Tensor, state, C: int) -> torch.Tensor:
+def _scan(x: torch.Tensor, decay: torch.Tensor, state, C: int, reverse: bool = False) -> torch.Tensor:
     """h_t = decay_t ⊙ h_{t−1} + x_t for x, decay [B, T, D], decay = exp(a) ∈ [0, 1]; no autograd.
 
+    reverse=True runs the same recurrence from the end: h_t = x_t + decay_{t+1} ⊙ h_{t+1} (what
+    the backward needs), with `state` entering after the last position.
     Inside chunks of C: a loop over the C positions, each step one multiply-add over all chunks
     at once, written in place (the data is read once; a log-depth scan would read it log C
     times). The state entering each chunk comes from the same scan one level up, over the T/C
@@ -228,17 +230,29 @@ def _scan(x: torch.Tensor, decay: torch.Tensor, state, C: int) -> torch.Tensor:
     """
     B, T, D = x.shape
     n = -(-T // C)
-    xs = F.pad(x, (0, 0, 0, n * C - T)).view(B, n, C, D)
-    ds = F.pad(decay, (0, 0, 0, n * C - T), value=1.0).view(B, n, C, D)
-    h, prod = torch.empty_like(xs), torch.empty_like(ds)  # local scan; decay product since the chunk start
-    h[:, :, 0], prod[:, :, 0] = xs[:, :, 0], ds[:, :, 0]
-    for t in range(1, C):
-        torch.addcmul(xs[:, :, t], ds[:, :, t], h[:, :, t - 1], out=h[:, :, t])
-        torch.mul(ds[:, :, t], prod[:, :, t - 1], out=prod[:, :, t])
+    if n * C != T:  # pads at the end: zero input, decay 1, inert in both directions
+        x, decay = F.pad(x, (0, 0, 0, n * C - T)), F.pad(decay, (0, 0, 0, n * C - T), value=1.0)
+    xs, ds = x.reshape(B, n, C, D), decay.reshape(B, n, C, D)
+    h, prod = torch.empty_like(xs), torch.empty_like(ds)  # local scan; decays between it and the chunk's edge
+    edge, steps = (C - 1, range(C - 2, -1, -1)) if reverse else (0, range(1, C))
+    h[:, :, edge] = xs[:, :, edge]
+    prod[:, :, edge] = 1.0 if reverse else ds[:, :, 0]
+    for t in steps:
+        prev, d = (t + 1, ds[:, :, t + 1]) if reverse else (t - 1, ds[:, :, t])
+        torch.addcmul(xs[:, :, t], d, h[:, :, prev], out=h[:, :, t])
+        torch.mul(d, prod[:, :, prev], out=prod[:, :, t])
     if n > 1 or state is not None:
-        first = h.new_zeros(B, 1, D) if state is None else state.unsqueeze(1)
-        ends = _scan(h[:, :, -1], prod[:, :, -1], state, C) if n > 1 else None  # state after each chunk
-        entering = first if n == 1 else torch.cat([first, ends[:, :-1]], 1)
+        if reverse:  # chunk c receives decay(start of c+1) · g(start of c+1) at its last position
+            last = h.new_zeros(B, D) if state is None else state
+            entering = last.unsqueeze(1)
+            if n > 1:
+                factors = torch.cat([ds.new_ones(B, 1, D), prod[:, :-1, 0] * ds[:, 1:, 0]], 1)  # read at c + 1
+                starts = _scan(h[:, :, 0], factors, None if state is None else prod[:, -1, 0] * state, C, True)
+                entering = torch.cat([ds[:, 1:, 0] * starts[:, 1:], entering], 1)
+        else:
+            first = h.new_zeros(B, 1, D) if state is None else state.unsqueeze(1)
+            ends = _scan(h[:, :, -1], prod[:, :, -1], state, C) if n > 1 else None  # state after each chunk
+            entering = first if n == 1 else torch.cat([first, ends[:, :-1]], 1)
         h.addcmul_(prod, entering.unsqueeze(2))
     return h.view(B, n * C, D)[:, :T]
 
@@ -246,25 +260,22 @@ def _scan(x: torch.Tensor, decay: torch.Tensor, state, C: int) -> torch.Tensor:
 class _DiagonalRecurrence(torch.autograd.Function):
     """The scan forward; backward, the same scan run backwards in time, so autograd records nothing
     per step: the gradient reaching h_t is g_t = dh_t + exp(a_{t+1}) g_{t+1}, and then
-    dx = g, da_t = g_t exp(a_t) h_{t−1}, dh_0 = g_0 exp(a_0)."""
+    dx = g, da_t = g_t exp(a_t) h_{t−1} = g_t (h_t − x_t), dh_0 = g_0 exp(a_0)."""
 
     @staticmethod
     def forward(ctx, x, a, state, C):
         decay = a.exp()
-        h = _scan(x, decay, None if state is None else state, C)
-        ctx.save_for_backward(decay, h, state)
+        h = _scan(x, decay, state, C)
+        ctx.save_for_backward(x, decay, h, state)
         ctx.C = C
         return h
 
     @staticmethod
     def backward(ctx, dh):
-        decay, h, state = ctx.saved_tensors
-        reversed_decay = decay.flip(1)
-        shifted = torch.cat([torch.ones_like(reversed_decay[:, :1]), reversed_decay[:, :-1]], 1)  # exp(a_{t+1})
-        g = _scan(dh.flip(1), shifted, None, ctx.C).flip(1)
-        before = torch.cat([h.new_zeros(h[:, :1].shape) if state is None else state.unsqueeze(1), h[:, :-1]], 1)
+        x, decay, h, state = ctx.saved_tensors
+        g = _scan(dh.contiguous(), decay, None, ctx.C, reverse=True)
         d_state = None if state is None else g[:, 0] * decay[:, 0]
-        return g, g * decay * before, d_state, None
+        return g, g * (h - x), d_state, None
 
 
 def diagonal_chunk(x, log_decay, state, chunk_size=64):
