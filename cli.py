@@ -2,11 +2,31 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of handing multi-MB blocks back to the OS.
+
+    PyTorch's CPU ops allocate large temporaries with malloc; by default glibc returns them at
+    free, so every new tensor first-touches fresh pages (page faults, zeroing), which costs as
+    much as the arithmetic in the chunkwise kernels. This is what jemalloc/tcmalloc would do,
+    set once for the process. Not glibc: nothing to do.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    libc.mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(m_top_pad, 64 << 20)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    keep_freed_memory()
     parser = argparse.ArgumentParser(prog="recur", description="Pretrain recurrent language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("demo", help="train a small recurrent LM on built-in English text, evaluate it, generate",

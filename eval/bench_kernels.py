@@ -60,11 +60,11 @@ def run(lengths, impls, repeats, device):
     times = {}
     jobs = [(n, T, impl) for n in names for T in lengths for impl in impls]
     for name, T, impl in tqdm(jobs, desc="kernels", unit="run"):
-        # The loop is slow and steady: one timed run, no warm-up, is enough for it.
+        # The loop takes seconds: two timed runs, no warm-up, are enough for it.
         slow = impl == "naive"
         if not slow:
             time_forward_backward(name, T, impl, 1, device)  # warm-up (and Triton compilation)
-        times[name, T, impl] = time_forward_backward(name, T, impl, 1 if slow else repeats, device)
+        times[name, T, impl] = time_forward_backward(name, T, impl, 2 if slow else repeats, device)
     return names, times
 
 
@@ -88,7 +88,7 @@ def main(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     parser.add_argument("--impls", nargs=2, default=["chunk", "naive"], metavar=("FAST", "BASELINE"),
                         help="the implementation measured and the baseline it is compared with")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs for the fast path")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many runs for the fast path")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to compare e.g. --impls triton chunk")
     args = parser.parse_args(argv)
     names, times = run(args.lengths, args.impls, args.repeats, args.device)

@@ -115,12 +115,12 @@ class _GLAIntra(torch.autograd.Function):
             _halves(dq, h)[1].add_(_mm(d_scores, ks) * eq)
             _halves(dk, h)[0].add_(_mm(d_scores.transpose(-1, -2), qs) * ek)
             # The split point r cancels in qs·ks (exp(−r)·exp(r)), so it gets no gradient.
-        dbq, dbk = dq * q, -dk * k  # d/dbq of q·exp(bq − r) is itself, of k·exp(r − bk) minus itself
+        dbq, dbk = dq * q, (dk * k).neg_()  # d/dbq of q·exp(bq − r) is itself, of k·exp(r − bk) minus itself
         if not ctx.strict:  # the j = i pairs: (q_i · k_i) v_i
-            dv += (q * k).sum(-1, keepdim=True) * do
+            dv.addcmul_((q * k).sum(-1, keepdim=True), do)
             d_qk = (do * v).sum(-1, keepdim=True)
-            dq += d_qk * k
-            dk += d_qk * q
+            dq.addcmul_(d_qk, k)
+            dk.addcmul_(d_qk, q)
         return dq, dk, dv, dbq, dbk, None
 
 
@@ -194,13 +194,14 @@ def delta_rule_chunk(q, k, v, beta, log_decay, scale, state, chunk_size=64):
 
     idx = torch.arange(C, device=q.device)
     diff = b - b.transpose(-1, -2)
-    strictly_lower = _causal_exp(diff, idx.view(C, 1) > idx.view(1, C))
     lower = _causal_exp(diff, idx.view(C, 1) >= idx.view(1, C))
+    strictly_lower = lower.tril(-1)
     L = beta * (k @ k.transpose(-1, -2)) * strictly_lower
-    I_plus_L = L + torch.eye(C, dtype=q.dtype, device=q.device)
-    rhs = torch.cat([beta * v, beta * b.exp() * k], -1)
-    solved = torch.linalg.solve_triangular(I_plus_L, rhs, upper=False, unitriangular=True)
-    u_tilde, w = solved[..., :V], solved[..., V:]
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    # (I + L)⁻¹ once per chunk (C right-hand sides), then two matmuls: cheaper than solving for the
+    # K + V columns of [βV | β e^b K] directly.
+    inverse = torch.linalg.solve_triangular(L + eye, eye.expand_as(L), upper=False, unitriangular=True)
+    u_tilde, w = inverse @ (beta * v), inverse @ (beta * b.exp() * k)
 
     if state is None:
         state = q.new_zeros(B, H, K, V)
