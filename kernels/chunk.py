@@ -36,17 +36,19 @@ def _chunk_size(T: int, chunk_size: int) -> int:
     return min(chunk_size, max(T, 1))
 
 
-def _carry_states(decay: torch.Tensor, increments: torch.Tensor, state: torch.Tensor):
-    """State entering each chunk: S_c = decay_{c-1} ⊙ S_{c-1} + increment_{c-1}.
+def _carry_states(log_decay: torch.Tensor, increments: torch.Tensor, state: torch.Tensor):
+    """State entering each chunk: S_c = exp(log_decay_{c-1}) ⊙ S_{c-1} + increment_{c-1}.
 
-    decay [B, H, n, K, 1] or [B, H, n, 1, 1]; increments [B, H, n, K, V]. Returns ([B, H, n, K, V], final).
+    A diagonal recurrence over the chunks, one lane per state entry, so it runs on the same scan
+    as `diagonal_recurrence`. log_decay [B, H, n, K, 1] or [B, H, n, 1, 1]; increments
+    [B, H, n, K, V]; state [B, H, K, V]. Returns (entering [B, H, n, K, V], final state).
     """
-    entering = []
-    # unbind, not indexing: the backward of one unbind is one stack; of n indexings, n full-size zero tensors.
-    for d, inc in zip(decay.unbind(2), increments.unbind(2)):
-        entering.append(state)
-        state = d * state + inc
-    return torch.stack(entering, 2), state
+    B, H, n, K, V = increments.shape
+    lanes = lambda x: x.reshape(B * H, -1, K * V)
+    after = _DiagonalRecurrence.apply(lanes(increments), lanes(log_decay.expand(B, H, n, K, V)),
+                                      state.reshape(B * H, K * V), 16)  # the state after each chunk
+    entering = torch.cat([state.reshape(B * H, 1, K * V), after[:, :-1]], 1)
+    return entering.view(B, H, n, K, V), after[:, -1].view(B, H, K, V)
 
 
 def _causal_exp(diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -139,7 +141,7 @@ def _gla_core(q, k, v, g, scale, state, chunk_size, strict=False):
     increments = (k * (b_end - b).exp()).transpose(-1, -2) @ v  # [B,H,n,K,V]
     if state is None:
         state = q.new_zeros(B, H, K, V)
-    entering, final = _carry_states(b_end.transpose(-1, -2).exp(), increments, state)
+    entering, final = _carry_states(b_end.transpose(-1, -2), increments, state)
 
     o = (q * bq.exp()) @ entering + _GLAIntra.apply(q, k, v, bq, b, strict)
     return scale * _unchunked(o, T), final
@@ -168,7 +170,7 @@ def scalar_decay_chunk(q, k, v, log_decay, scale, state, chunk_size=64):
     increments = (k * (b_end - b).exp()).transpose(-1, -2) @ v
     if state is None:
         state = q.new_zeros(B, H, K, V)
-    entering, final = _carry_states(b_end.exp(), increments, state)
+    entering, final = _carry_states(b_end, increments, state)
 
     idx = torch.arange(C, device=q.device)
     decay = _causal_exp(b - b.transpose(-1, -2), idx.view(C, 1) >= idx.view(1, C))  # [B,H,n,C,C]
