@@ -28,12 +28,15 @@ def fla_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """`auto`: GPU kernels for CUDA tensors, the chunkwise form elsewhere, one plain step for T == 1."""
+def resolve_impl(impl: str, x: torch.Tensor, needs_fla: bool = True) -> str:
+    """`auto`: GPU kernels for CUDA tensors, the chunkwise form elsewhere, one plain step for T == 1.
+
+    `needs_fla=False` for our own Triton kernels, which need only triton.
+    """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if x.is_cuda and fla_available():
+        if x.is_cuda and (not needs_fla or fla_available()):
             return "triton"
         return "naive" if x.shape[1] == 1 else "chunk"
     if impl == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):

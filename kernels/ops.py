@@ -253,7 +253,7 @@ def rg_lru(x, gate_a, gate_x, a_param, c=8.0, reset=None, initial_state=None, ou
         check_shape("reset", reset, (B, T))
     if initial_state is not None:
         check_shape("initial_state", initial_state, (B, D))
-    impl = resolve_impl(impl, x)
+    impl = resolve_impl(impl, x, needs_fla=False)
     if impl == "triton":
         from .rglru_triton import rg_lru_triton
 

@@ -226,3 +226,26 @@ def test_rg_lru_follows_its_definition():
     torch.testing.assert_close(h[0, 0], expected[0, 0])
     h_reset, _ = kernels.rg_lru(x, ga, gx, lam, reset=torch.ones(1, 1, dtype=torch.bool), initial_state=h0.unsqueeze(0))
     torch.testing.assert_close(h_reset[0, 0], (torch.sigmoid(gx) * x)[0, 0])
+
+
+def test_rg_lru_matches_transformers_recurrent_gemma():
+    """Outside reference: transformers' RecurrentGemmaRglru (its block-diagonal gates computed here)."""
+    from transformers import RecurrentGemmaConfig
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
+
+    torch.manual_seed(0)
+    config = RecurrentGemmaConfig(lru_width=24, num_attention_heads=3, hidden_size=24)
+    ref = RecurrentGemmaRglru(config)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 37, 24)
+    position_ids = torch.arange(37).repeat(2, 1)
+    position_ids[1, 20:] = torch.arange(17)  # a second document starts at t = 20 in row 1
+    expected = ref(x, position_ids)
+
+    blocks = x.view(2, 37, 3, 8)
+    gate_x = (torch.einsum("bthi,hij->bthj", blocks, ref.input_gate_weight) + ref.input_gate_bias).flatten(2)
+    gate_a = (torch.einsum("bthi,hij->bthj", blocks, ref.recurrent_gate_weight) + ref.recurrent_gate_bias).flatten(2)
+    for impl in ["naive", "chunk"]:
+        h, _ = kernels.rg_lru(x, gate_a, gate_x, ref.recurrent_param, reset=position_ids == 0, impl=impl)
+        torch.testing.assert_close(h, expected, atol=1e-5, rtol=1e-5)

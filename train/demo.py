@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     metrics = (out / "metrics.jsonl").open("w")
     data = batches(train, args.batch, args.length, torch.Generator().manual_seed(args.seed))
-    bar = tqdm(range(1, args.steps + 1), desc="pretraining", unit="step")
+    bar = tqdm(range(1, args.steps + 1), desc="pretraining", unit="step", mininterval=1.0)
     start = time.perf_counter()
     for step in bar:
         ids, targets = next(data)
