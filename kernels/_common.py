@@ -22,7 +22,7 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 @functools.lru_cache(maxsize=1)
 def fla_available() -> bool:
     try:
-        import fla.ops  # noqa: F401  (slow import: only checked when a CUDA tensor asks for it)
+        import fla.ops  # noqa: F401  (slow: only tried when a CUDA tensor asks for the GPU path)
     except Exception:
         return False
     return True

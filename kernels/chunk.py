@@ -1,14 +1,15 @@
 """Chunkwise-parallel forms of the recurrences in pure PyTorch (the CPU path).
 
 The sequence is cut into chunks of C tokens. Inside a chunk everything is a few batched matmuls;
-between chunks only the [K, V] state is carried, by a short loop over T/C chunks. Autograd runs
-through all of it.
+between chunks only the [K, V] state is carried, by the same scan that runs the diagonal
+recurrence. Autograd runs through it, except where a hand-written backward (`_GLAIntra`,
+`_DiagonalRecurrence`) does the same work with far fewer full-size temporaries.
 
 Numerics: log-decays are summed within each chunk (b = cumsum g, in float32 or wider) and a
 decay between positions j ≤ i is only ever formed as exp(b_i − b_j) with the pair masked to
 j ≤ i first, so every exponent is ≤ 0 and nothing overflows, whatever the decay strength. Where a
 product must be factored (queries × keys of earlier sub-blocks), it is split at a point r between
-them, exp(b_i − b_r) · exp(b_r − b_j), and both factors are again ≤ 1 (see `_gla_intra`).
+them, exp(b_i − b_r) · exp(b_r − b_j), and both factors are again ≤ 1 (see `_GLAIntra`).
 
 All inputs arrive already in the compute dtype, shaped [B, T, H, ·]; states are [B, H, K, V].
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 
 def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, H, n, C, D], zero-padded at the end (zeros are inert for every recurrence)."""
