@@ -1,0 +1,91 @@
+"""Shared model layers: normalisations against their formulas, sequence layers against torch's
+convolution, packed documents against separate runs, and chunked/step-wise runs against one pass."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recur.modeling.layers import GatedRMSNorm, RMSNorm, ShortConvolution, SwiGLU, token_shift
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_rms_norm_and_griffin_offset():
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    norm = RMSNorm(8, eps=1e-6).double()
+    torch.nn.init.normal_(norm.weight)
+    rms = (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(norm(x), x / rms * norm.weight)
+    griffin = RMSNorm(8, eps=1e-6, offset=1.0).double()
+    torch.testing.assert_close(griffin(x), x / rms)  # zero-initialised scale: (1 + 0)
+    assert RMSNorm(8)(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_rms_norm_by_groups(norm_before_gate):
+    x, z = torch.randn(2, 4, 12, dtype=torch.float64), torch.randn(2, 4, 12, dtype=torch.float64)
+    norm = GatedRMSNorm(12, eps=1e-5, group_size=4, norm_before_gate=norm_before_gate).double()
+    torch.nn.init.normal_(norm.weight)
+    y = x if norm_before_gate else x * F.silu(z)
+    groups = y.view(2, 4, 3, 4)
+    y = (groups / (groups.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()).view(2, 4, 12) * norm.weight
+    expected = y * F.silu(z) if norm_before_gate else y
+    torch.testing.assert_close(norm(x, z), expected)
+
+
+def test_swiglu():
+    mlp = SwiGLU(6, 10).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    torch.testing.assert_close(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+def _conv():
+    torch.manual_seed(0)
+    return ShortConvolution(10, kernel_size=4).double()
+
+
+def test_short_convolution_matches_torch_conv1d():
+    conv, x = _conv(), torch.randn(2, 9, 10, dtype=torch.float64)
+    y, state = conv(x)
+    expected = F.silu(conv.conv(x.transpose(1, 2))[..., :9].transpose(1, 2))
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(state, x[:, -3:])
+
+
+def test_short_convolution_keeps_packed_documents_apart():
+    conv = _conv()
+    docs = [torch.randn(1, n, 10, dtype=torch.float64) for n in (2, 5, 1, 7)]
+    packed = torch.cat(docs, 1)
+    positions = torch.cat([torch.arange(d.shape[1]) for d in docs]).unsqueeze(0)
+    y, _ = conv(packed, positions)
+    torch.testing.assert_close(y, torch.cat([conv(d)[0] for d in docs], 1))
+
+
+def test_short_convolution_chunked_and_stepwise_equal_one_pass():
+    conv, x = _conv(), torch.randn(2, 11, 10, dtype=torch.float64)
+    positions = torch.arange(11).expand(2, -1)
+    full, final = conv(x, positions)
+    a, state = conv(x[:, :2], positions[:, :2])  # shorter than the kernel: the state must still be right
+    b, state = conv(x[:, 2:], positions[:, 2:], state)
+    torch.testing.assert_close(torch.cat([a, b], 1), full)
+    state, steps = None, []
+    for t in range(11):
+        y, state = conv(x[:, t:t + 1], positions[:, t:t + 1], state)
+        steps.append(y)
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+    torch.testing.assert_close(state, final)
+
+
+def test_token_shift_packed_chunked_and_stepwise():
+    x = torch.randn(1, 8, 4, dtype=torch.float64)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    shifted, last = token_shift(x, positions)
+    expected = torch.cat([torch.zeros(1, 1, 4), x[:, :-1]], 1).double()
+    expected[:, [0, 3, 5]] = 0  # document starts see nothing before them
+    torch.testing.assert_close(shifted, expected)
+    torch.testing.assert_close(last, x[:, -1:])
+    a, state = token_shift(x[:, :3], positions[:, :3])
+    b, _ = token_shift(x[:, 3:], positions[:, 3:], state)
+    torch.testing.assert_close(torch.cat([a, b], 1), shifted)
