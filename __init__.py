@@ -9,3 +9,5 @@ __version__ = "0.1.0"
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 SLURM_DIR = Path(__file__).parent / "slurm"
+
+from . import modeling  # noqa: E402,F401  registers the model families with transformers' Auto classes

@@ -1,0 +1,125 @@
+"""GLA as a HuggingFace model: fla's layer and block layout on recur's kernels.
+
+Block: x + GLA(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)). Token mixing per head:
+S_t = diag(exp(g_t)) S_{t−1} + k_tᵀ v_t, o_t = K^−½ q_t S_t, with the per-key-channel gate
+g = logsigmoid(W₂W₁x + b) / 16 (low rank 16); output RMSNorm(o) ⊙ swish(W_g x), then o_proj.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ... import kernels
+from ..base import RecurrentPreTrainedModel, causal_lm_loss, sequence_layout
+from ..cache import RecurrentCache
+from ..layers import GatedRMSNorm, RMSNorm, SwiGLU
+from .configuration_gla import GLAConfig
+
+
+class GLAAttention(nn.Module):
+    def __init__(self, config: GLAConfig):
+        super().__init__()
+        D, H = config.hidden_size, config.num_heads
+        self.num_heads, self.normaliser = H, config.gate_logit_normalizer
+        key_dim, value_dim = int(D * config.expand_k), int(D * config.expand_v)
+        self.head_k, self.head_v = key_dim // H, value_dim // H
+        self.q_proj = nn.Linear(D, key_dim, bias=False)
+        self.k_proj = nn.Linear(D, key_dim, bias=False)
+        self.v_proj = nn.Linear(D, value_dim, bias=False)
+        self.g_proj = nn.Linear(D, value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(D, config.gate_low_rank_dim, bias=False),
+                                     nn.Linear(config.gate_low_rank_dim, key_dim, bias=True))
+        self.o_proj = nn.Linear(value_dim, D, bias=False)
+        self.g_norm = GatedRMSNorm(self.head_v, eps=config.norm_eps, norm_before_gate=True)
+
+    def forward(self, x, pad=None, cu_seqlens=None, states=None):
+        B, T, _ = x.shape
+        heads = lambda t, d: t.view(B, T, self.num_heads, d)
+        q, k, v = heads(self.q_proj(x), self.head_k), heads(self.k_proj(x), self.head_k), heads(self.v_proj(x), self.head_v)
+        log_decay = heads(F.logsigmoid(self.gk_proj(x).float()) / self.normaliser, self.head_k)
+        if pad is not None:  # a pad adds nothing to the state and does not decay it
+            k, v, log_decay = (t * pad.unsqueeze(-1).to(t.dtype) for t in (k, v, log_decay))
+        o, final = kernels.gated_linear_attention(
+            q, k, v, log_decay, initial_state=None if states is None else states.get("recurrent"),
+            output_final_state=states is not None, cu_seqlens=cu_seqlens)
+        if states is not None:
+            states["recurrent"] = final
+        o = self.g_norm(o, heads(self.g_proj(x), self.head_v))
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+class GLABlock(GradientCheckpointingLayer):
+    def __init__(self, config: GLAConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GLAAttention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, pad=None, cu_seqlens=None, states=None):
+        h = x + self.attn(self.attn_norm(x), pad, cu_seqlens, states)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class GLAPreTrainedModel(RecurrentPreTrainedModel):
+    config_class = GLAConfig
+    _no_split_modules = ["GLABlock"]
+
+
+class GLAModel(GLAPreTrainedModel):
+    def __init__(self, config: GLAConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(GLABlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values if past_key_values is not None or not use_cache else RecurrentCache(len(self.layers))
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids, pad, cu_seqlens = sequence_layout(x.shape[:2], attention_mask, position_ids, past)
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("packed documents (position_ids restarting at 0) cannot be run with a cache")
+        shape = x.shape
+        if cu_seqlens is not None:
+            x = x.reshape(1, -1, shape[-1])
+        for i, layer in enumerate(self.layers):
+            x = layer(x, pad, cu_seqlens, None if cache is None else cache.states(i))
+        x = self.norm(x).reshape(shape)
+        if cache is not None:
+            cache.advance(shape[1])
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+
+
+class GLAForCausalLM(GLAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: GLAConfig):
+        super().__init__(config)
+        self.model = GLAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

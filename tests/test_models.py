@@ -1,0 +1,133 @@
+"""Every recur model family as a transformers model: Auto classes, save/load, cached generation,
+padding, packed documents, chunked prefill, gradient checkpointing, dtypes, torch.compile."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import recur  # noqa: F401  registers the families
+
+TINY = {
+    "recur_gla": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_heads=2, gate_low_rank_dim=8,
+                      intermediate_size=96),
+}
+FAMILIES = sorted(TINY)
+
+
+def tiny_model(model_type, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Random gates, not the zero-ish init: decays and outputs then differ by position, which tests need.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def ids(*shape, seed=1, vocab=101):
+    return torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_classes_and_save_load_round_trip(family, tmp_path):
+    model = tiny_model(family)
+    assert type(model).__name__.endswith("ForCausalLM") and model.config.model_type == family
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_greedy_equals_uncached_and_cache_stays_small(family):
+    model = tiny_model(family)
+    prompt = ids(2, 7)
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False,
+                              attention_mask=torch.ones_like(prompt))
+    assert torch.equal(cached, uncached)
+    with torch.no_grad():
+        short = model(prompt[:, :2], use_cache=True).past_key_values
+        long = model(prompt, use_cache=True).past_key_values
+    size = lambda cache: sum(t.numel() for layer in cache.layers for s in layer.states.values()
+                             for t in (s if isinstance(s, tuple) else (s,)))
+    assert size(short) == size(long) and long.get_seq_length() == 7
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_generates_what_each_prompt_does_alone(family):
+    model = tiny_model(family)
+    prompts = [ids(1, 3, seed=2), ids(1, 8, seed=3)]
+    batch = torch.stack([torch.cat([torch.zeros(8 - p.shape[1], dtype=torch.long), p[0]]) for p in prompts])
+    mask = (torch.arange(8) >= torch.tensor([[5], [0]])).long()
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=6, do_sample=False)
+        assert torch.equal(together[row, -6:], alone[0, -6:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_equals_one_prefill(family):
+    model = tiny_model(family)
+    x = ids(2, 15)
+    with torch.no_grad():
+        full = model(x, use_cache=True)
+        first = model(x[:, :6], use_cache=True)
+        second = model(x[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), full.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_documents_equal_documents_one_by_one(family):
+    model = tiny_model(family)
+    docs = [ids(1, n, seed=10 + n) for n in (5, 11, 1, 8)]
+    packed = torch.cat(docs, 1)
+    positions = torch.cat([torch.arange(d.shape[1]) for d in docs]).unsqueeze(0)
+    with torch.no_grad():
+        out = model(packed, position_ids=positions, labels=packed, use_cache=False)
+        alone = [model(d, use_cache=False).logits for d in docs]
+    torch.testing.assert_close(out.logits, torch.cat(alone, 1), atol=1e-5, rtol=1e-5)
+    # the loss scores exactly the in-document predictions, as the documents one by one would
+    losses = [torch.nn.functional.cross_entropy(l[0, :-1], d[0, 1:], reduction="sum") for l, d in zip(alone, docs)]
+    expected = sum(losses) / sum(d.shape[1] - 1 for d in docs)
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    # two rows of packed documents: the same as one row each
+    rows = torch.cat([packed, packed.flip(1)])
+    with torch.no_grad():
+        both = model(rows, position_ids=torch.cat([positions, positions.flip(1)]), use_cache=False).logits
+    torch.testing.assert_close(both[0], out.logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(family).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        x = ids(2, 20)
+        model(x, labels=x, use_cache=False).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_forward_close_to_fp32(family):
+    model = tiny_model(family)
+    x = ids(2, 30)
+    with torch.no_grad():
+        reference = model(x, use_cache=False).logits
+        low = model.to(torch.bfloat16)(x, use_cache=False).logits
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_compile_of_the_forward(family):
+    model = tiny_model(family)
+    x = ids(2, 20)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, use_cache=False).logits, model(x, use_cache=False).logits)
