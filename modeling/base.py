@@ -1,11 +1,15 @@
 """What every recur causal LM shares: weight init, generation settings, document layout, loss."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .cache import RecurrentCache
 from .layers import GatedRMSNorm, RMSNorm
 
 
@@ -65,3 +69,74 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, position_ids: tor
     if position_ids is not None:
         targets[position_ids[:, 1:] == 0] = -100
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+class Layout(NamedTuple):
+    """What the blocks need to know about the tokens besides their values (see `sequence_layout`).
+
+    When packed, tensors are flattened to one row: position_ids [1, B·T] and cu_seqlens set.
+    """
+
+    position_ids: torch.Tensor
+    pad: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+
+
+class RecurrentModel(RecurrentPreTrainedModel):
+    """Embeddings → blocks → final norm, with the cache and the document layout handled once for
+    every family. A family's __init__ builds `embeddings`, `layers` and `norm`; each block is
+    called as block(x, layout, states, **extra) with `states` its dict in the cache (or None)."""
+
+    def block_inputs(self) -> list[dict]:
+        """Extra keyword arguments per block (e.g. HGRN2's lower bounds); none by default."""
+        return [{} for _ in self.layers]
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values if past_key_values is not None or not use_cache else RecurrentCache(len(self.layers))
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids, pad, cu_seqlens = sequence_layout(x.shape[:2], attention_mask, position_ids, past)
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("packed documents (position_ids restarting at 0) cannot be run with a cache")
+        shape = x.shape
+        if cu_seqlens is not None:
+            x, position_ids = x.reshape(1, -1, shape[-1]), position_ids.reshape(1, -1)
+        layout = Layout(position_ids.to(x.device), pad, cu_seqlens)
+        for i, (block, extra) in enumerate(zip(self.layers, self.block_inputs())):
+            x = block(x, layout, None if cache is None else cache.states(i), **extra)
+        x = self.norm(x).reshape(shape)
+        if cache is not None:
+            cache.advance(shape[1])
+        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+
+
+class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
+    """The family's `base_model_class` plus an LM head (tied to the embeddings if the config says so)."""
+
+    base_model_class: type[RecurrentModel]
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -9,6 +9,7 @@ import recur  # noqa: F401  registers the families
 TINY = {
     "recur_gla": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_heads=2, gate_low_rank_dim=8,
                       intermediate_size=96),
+    "recur_hgrn2": dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, expand_ratio=16, intermediate_size=96),
 }
 FAMILIES = sorted(TINY)
 

@@ -6,16 +6,12 @@ g = logsigmoid(W₂W₁x + b) / 16 (low rank 16); output RMSNorm(o) ⊙ swish(W_
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ... import kernels
-from ..base import RecurrentPreTrainedModel, causal_lm_loss, sequence_layout
-from ..cache import RecurrentCache
+from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import GatedRMSNorm, RMSNorm, SwiGLU
 from .configuration_gla import GLAConfig
 
@@ -60,17 +56,15 @@ class GLABlock(GradientCheckpointingLayer):
         self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, pad=None, cu_seqlens=None, states=None):
-        h = x + self.attn(self.attn_norm(x), pad, cu_seqlens, states)
+    def forward(self, x, layout: Layout, states=None):
+        h = x + self.attn(self.attn_norm(x), layout.pad, layout.cu_seqlens, states)
         return h + self.mlp(self.mlp_norm(h))
 
 
-class GLAPreTrainedModel(RecurrentPreTrainedModel):
+class GLAModel(RecurrentModel):
     config_class = GLAConfig
     _no_split_modules = ["GLABlock"]
 
-
-class GLAModel(GLAPreTrainedModel):
     def __init__(self, config: GLAConfig):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -78,48 +72,8 @@ class GLAModel(GLAPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings
 
-    def set_input_embeddings(self, value):
-        self.embeddings = value
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
-        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values if past_key_values is not None or not use_cache else RecurrentCache(len(self.layers))
-        past = cache.get_seq_length() if cache is not None else 0
-        position_ids, pad, cu_seqlens = sequence_layout(x.shape[:2], attention_mask, position_ids, past)
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("packed documents (position_ids restarting at 0) cannot be run with a cache")
-        shape = x.shape
-        if cu_seqlens is not None:
-            x = x.reshape(1, -1, shape[-1])
-        for i, layer in enumerate(self.layers):
-            x = layer(x, pad, cu_seqlens, None if cache is None else cache.states(i))
-        x = self.norm(x).reshape(shape)
-        if cache is not None:
-            cache.advance(shape[1])
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
-
-
-class GLAForCausalLM(GLAPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
-
-    def __init__(self, config: GLAConfig):
-        super().__init__(config)
-        self.model = GLAModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
-        hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+class GLAForCausalLM(RecurrentForCausalLM):
+    config_class = GLAConfig
+    base_model_class = GLAModel
+    _no_split_modules = ["GLABlock"]
