@@ -132,3 +132,26 @@ def test_torch_compile_of_the_forward(family):
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, use_cache=False).logits, model(x, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_layer_model_learns_real_text(family):
+    """50 AdamW steps on English text that ships with Python (the reference manual): the loss falls."""
+    from recur.train.demo import load_corpus
+
+    text, _ = load_corpus()
+    data = torch.frombuffer(bytearray(text[:200_000]), dtype=torch.uint8).long()
+    model = tiny_model(family, vocab_size=256, num_hidden_layers=2).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(50):
+        starts = torch.randint(0, data.numel() - 65, (8,), generator=g)
+        batch = torch.stack([data[s:s + 64] for s in starts.tolist()])
+        loss = model(batch, labels=batch, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.75 * first, f"{family}: loss {first:.2f} -> {last:.2f}"
