@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("demo", help="train a small recurrent LM on built-in English text, evaluate it, generate",
                    add_help=False)
+    sub.add_parser("convert", help="convert an official checkpoint (fla, transformers, BlinkDL) to recur",
+                   add_help=False)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     bench_sub.add_parser("kernels", help="chunkwise kernels vs the sequential loop (forward + backward)",
@@ -39,6 +41,8 @@ def main(argv=None) -> int:
     # Each job parses its own options, so `recur demo --help` shows them.
     if args.command == "demo":
         from recur.train.demo import main as job
+    elif args.command == "convert":
+        from recur.modeling.convert import main as job
     elif args.command == "bench" and args.bench == "kernels":
         from recur.eval.bench_kernels import main as job
     return job(rest)
