@@ -6,12 +6,15 @@ states are [N, H, K, V] in float32; `scale` is passed explicitly (RWKV-6 uses 1.
 """
 from __future__ import annotations
 
-from fla.ops.attn import parallel_attn
-from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-from fla.ops.gla import chunk_gla
-from fla.ops.hgrn import fused_recurrent_hgrn
-from fla.ops.rwkv6 import chunk_rwkv6
-from fla.ops.simple_gla import chunk_simple_gla
+try:  # (inside try, so transformers' remote-code check does not demand fla on CPU-only machines)
+    from fla.ops.attn import parallel_attn
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.gla import chunk_gla
+    from fla.ops.hgrn import fused_recurrent_hgrn
+    from fla.ops.rwkv6 import chunk_rwkv6
+    from fla.ops.simple_gla import chunk_simple_gla
+except ImportError as e:
+    raise ImportError("recur's GPU path needs flash-linear-attention (pip install flash-linear-attention)") from e
 
 
 def gla(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens):

@@ -15,7 +15,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import chunk, naive
+from .chunk import delta_rule_chunk, diagonal_chunk, gla_chunk, rwkv6_chunk, scalar_decay_chunk, window_chunk
+from .naive import delta_rule_naive, diagonal_naive, gla_naive, rwkv6_naive, scalar_decay_naive, window_naive
 from ._common import check_shape, check_varlen, compute_dtype, pack_to_padded, resolve_impl, run_varlen
 
 
@@ -59,11 +60,11 @@ def gated_linear_attention(q, k, v, log_decay, scale=None, initial_state=None, o
     scale = K**-0.5 if scale is None else scale
     impl = resolve_impl(impl, q)
     if impl == "triton":
-        from . import fla_ops
+        from .fla_ops import gla as fla_gla
 
-        return fla_ops.gla(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+        return fla_gla(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     state = _zero_state(initial_state, (N, H, K, V), q)
-    return _run(impl, functools.partial(naive.gla_naive, scale=scale), functools.partial(chunk.gla_chunk, scale=scale),
+    return _run(impl, functools.partial(gla_naive, scale=scale), functools.partial(gla_chunk, scale=scale),
                 chunk_size, [q, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
 
@@ -79,12 +80,12 @@ def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, o
     scale = K**-0.5 if scale is None else scale
     impl = resolve_impl(impl, q)
     if impl == "triton":
-        from . import fla_ops
+        from .fla_ops import scalar_decay as fla_scalar_decay
 
-        return fla_ops.scalar_decay(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+        return fla_scalar_decay(q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     state = _zero_state(initial_state, (N, H, K, V), q)
-    return _run(impl, functools.partial(naive.scalar_decay_naive, scale=scale),
-                functools.partial(chunk.scalar_decay_chunk, scale=scale),
+    return _run(impl, functools.partial(scalar_decay_naive, scale=scale),
+                functools.partial(scalar_decay_chunk, scale=scale),
                 chunk_size, [q, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
 
@@ -100,12 +101,12 @@ def rwkv6(r, k, v, log_decay, bonus, initial_state=None, output_final_state=Fals
     N = check_varlen(cu_seqlens, B, T)
     impl = resolve_impl(impl, r)
     if impl == "triton":
-        from . import fla_ops
+        from .fla_ops import rwkv6 as fla_rwkv6
 
-        return fla_ops.rwkv6(r, k, v, log_decay, bonus, initial_state, output_final_state, cu_seqlens)
+        return fla_rwkv6(r, k, v, log_decay, bonus, initial_state, output_final_state, cu_seqlens)
     state = _zero_state(initial_state, (N, H, K, V), r)
     u = bonus.to(compute_dtype(r, bonus))
-    return _run(impl, functools.partial(naive.rwkv6_naive, bonus=u), functools.partial(chunk.rwkv6_chunk, bonus=u),
+    return _run(impl, functools.partial(rwkv6_naive, bonus=u), functools.partial(rwkv6_chunk, bonus=u),
                 chunk_size, [r, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
 
@@ -122,12 +123,12 @@ def gated_delta_rule(q, k, v, beta, log_decay, scale=None, initial_state=None, o
     scale = K**-0.5 if scale is None else scale
     impl = resolve_impl(impl, q)
     if impl == "triton":
-        from . import fla_ops
+        from .fla_ops import gated_delta_rule as fla_gated_delta_rule
 
-        return fla_ops.gated_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)
+        return fla_gated_delta_rule(q, k, v, beta, log_decay, scale, initial_state, output_final_state, cu_seqlens)
     state = _zero_state(initial_state, (N, H, K, V), q)
-    return _run(impl, functools.partial(naive.delta_rule_naive, scale=scale),
-                functools.partial(chunk.delta_rule_chunk, scale=scale),
+    return _run(impl, functools.partial(delta_rule_naive, scale=scale),
+                functools.partial(delta_rule_chunk, scale=scale),
                 chunk_size, [q, k, v, beta, log_decay], state, cu_seqlens, v.dtype,
                 output_final_state)
 
@@ -146,11 +147,11 @@ def diagonal_recurrence(x, log_decay, initial_state=None, output_final_state=Fal
     N = check_varlen(cu_seqlens, B, T)
     impl = resolve_impl(impl, x)
     if impl == "triton":
-        from . import fla_ops
+        from .fla_ops import diagonal as fla_diagonal
 
-        return fla_ops.diagonal(x, log_decay, initial_state, output_final_state, cu_seqlens)
+        return fla_diagonal(x, log_decay, initial_state, output_final_state, cu_seqlens)
     state = _zero_state(initial_state, (N, D), x)
-    return _run(impl, naive.diagonal_naive, chunk.diagonal_chunk, chunk_size, [x, log_decay],
+    return _run(impl, diagonal_naive, diagonal_chunk, chunk_size, [x, log_decay],
                 state, cu_seqlens, x.dtype, output_final_state)
 
 
@@ -178,9 +179,9 @@ def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, ou
     if T == 0:
         o = v.new_empty(B, 0, H, v.shape[-1])
     elif impl == "triton" and initial_state is None:
-        from . import fla_ops
+        from .fla_ops import window as fla_window
 
-        o = fla_ops.window(q, k, v, window, scale, cu_seqlens)
+        o = fla_window(q, k, v, window, scale, cu_seqlens)
     else:
         if impl == "triton":  # fla's kernel takes no cache: a chunked prefill continues in PyTorch
             impl = "chunk"
@@ -193,7 +194,7 @@ def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, ou
         else:
             keys, values, valid = _check_window_state(initial_state, N, P, Hk, K, v.shape[-1])
             cache = (keys.to(dt), values.to(dt), valid)
-        fn = naive.window_naive if impl == "naive" else functools.partial(chunk.window_chunk, chunk_size=chunk_size)
+        fn = window_naive if impl == "naive" else functools.partial(window_chunk, chunk_size=chunk_size)
         o, _ = run_varlen(lambda q, k, v: fn(q, k, v, scale=scale, state=cache), [q.to(dt), k.to(dt), v.to(dt)],
                           cu_seqlens)
         o = o.to(v.dtype)

@@ -20,8 +20,11 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+try:  # (inside try, so transformers' remote-code check does not demand triton on CPU-only machines)
+    import triton
+    import triton.language as tl
+except ImportError as e:
+    raise ImportError("the fused RG-LRU kernel needs triton (it ships with CUDA builds of torch)") from e
 
 # triton.jit chooses between interpreter and compiler when a kernel is decorated, i.e. when this
 # module is imported, so this is the mode the kernels below actually run in.

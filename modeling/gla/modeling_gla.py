@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ... import kernels
+from ...kernels import gated_linear_attention
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import GatedRMSNorm, RMSNorm, SwiGLU
 from .configuration_gla import GLAConfig
@@ -39,7 +39,7 @@ class GLAAttention(nn.Module):
         log_decay = heads(F.logsigmoid(self.gk_proj(x).float()) / self.normaliser, self.head_k)
         if pad is not None:  # a pad adds nothing to the state and does not decay it
             k, v, log_decay = (t * pad.unsqueeze(-1).to(t.dtype) for t in (k, v, log_decay))
-        o, final = kernels.gated_linear_attention(
+        o, final = gated_linear_attention(
             q, k, v, log_decay, initial_state=None if states is None else states.get("recurrent"),
             output_final_state=states is not None, cu_seqlens=cu_seqlens)
         if states is not None:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ... import kernels
+from ...kernels import gated_linear_attention
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import RMSNorm, SwiGLU
 from .configuration_hgrn2 import HGRN2Config
@@ -39,7 +39,7 @@ class HGRN2Attention(nn.Module):
         q, i = F.silu(self.q_proj(x)), self.i_proj(x)
         if pad is not None:  # a pad adds nothing to the state and does not decay it
             key, i, log_forget = key * pad, i * pad.to(i.dtype), log_forget * pad
-        o, final = kernels.gated_linear_attention(
+        o, final = gated_linear_attention(
             heads(q), heads(key.to(q.dtype)), heads(i), heads(log_forget),
             initial_state=None if states is None else states.get("recurrent"),
             output_final_state=states is not None, cu_seqlens=cu_seqlens)
