@@ -100,7 +100,8 @@ class RecurrentModel(RecurrentPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # as transformers does: a cache for inference, none for training
+            use_cache = self.config.use_cache and not self.training
         cache = past_key_values if past_key_values is not None or not use_cache else RecurrentCache(len(self.layers))
         past = cache.get_seq_length() if cache is not None else 0
         position_ids, pad, cu_seqlens = sequence_layout(x.shape[:2], attention_mask, position_ids, past)

@@ -8,7 +8,6 @@ family's own converter, loaded strictly into the recur model and written to DST 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import shutil
 import tempfile
@@ -20,6 +19,8 @@ import torch
 LAYOUTS = {
     "gla": ("gla", "from_fla"),
     "hgrn2": ("hgrn2", "from_fla"),
+    "mamba2": ("mamba2", "from_transformers"),  # transformers' Mamba2ForCausalLM (state-spaces/mamba2-*)
+    "rwkv6": ("rwkv6", "from_hf"),  # RWKV/v6-Finch-*-HF
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
@@ -30,7 +31,10 @@ def load_folder(src: Path) -> tuple[dict, dict]:
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{src} has no config.json: not a HuggingFace-style checkpoint folder")
-    config = json.loads(config_file.read_text())
+    from transformers import PretrainedConfig
+
+    # transformers' reader, which decodes what its writer encodes (e.g. infinity as {"__float__": ...})
+    config, _ = PretrainedConfig.get_config_dict(str(src))
     from safetensors.torch import load_file
 
     files = sorted(src.glob("*.safetensors"))
@@ -54,6 +58,8 @@ def detect(src: Path):
         return _converter("rwkv6", "from_blinkdl"), (torch.load(src, map_location="cpu", weights_only=True),)
     config, state = load_folder(src)
     model_type = config.get("model_type")
+    if model_type is None and "ssm_cfg" in config:  # mamba_ssm's own config.json (state-spaces/mamba2-*)
+        model_type = "mamba2"
     if model_type not in LAYOUTS:
         known = ", ".join(sorted(LAYOUTS))
         raise ValueError(f"{src}: model_type {model_type!r} is not a layout recur converts (known: {known})")

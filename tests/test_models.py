@@ -10,6 +10,10 @@ TINY = {
     "recur_gla": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_heads=2, gate_low_rank_dim=8,
                       intermediate_size=96),
     "recur_hgrn2": dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, expand_ratio=16, intermediate_size=96),
+    "recur_mamba2": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, d_state=16, headdim=12, ngroups=2,
+                         chunk_size=16),
+    "recur_rwkv6": dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, head_size=32, intermediate_size=128,
+                        time_mix_low_rank_dim=8, time_decay_low_rank_dim=8),
 }
 FAMILIES = sorted(TINY)
 
