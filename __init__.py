@@ -1,13 +1,23 @@
 """recur: pretraining recurrent large language models.
 
 Subpackages: recur.kernels (the recurrences), recur.modeling, recur.data, recur.train, recur.eval.
-Importing recur is cheap and needs no GPU: heavy libraries (fla, triton, deepspeed) load on first use.
+Importing recur needs no GPU and does not load fla or deepspeed; it registers the model families
+with transformers' Auto classes.
 """
-from pathlib import Path
+if __name__ != "recur":
+    # The repository root is this package. A tool that imports the root folder by path under its
+    # folder name (pytest collecting the checkout) gets the installed `recur`, not a second copy
+    # whose classes would re-register over the real ones.
+    import importlib as _importlib
+    import sys as _sys
 
-__version__ = "0.1.0"
+    _sys.modules[__name__] = _importlib.import_module("recur")
+else:
+    from pathlib import Path
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
-SLURM_DIR = Path(__file__).parent / "slurm"
+    __version__ = "0.1.0"
 
-from . import modeling  # noqa: E402,F401  registers the model families with transformers' Auto classes
+    RECIPES_DIR = Path(__file__).parent / "recipes"
+    SLURM_DIR = Path(__file__).parent / "slurm"
+
+    from . import modeling  # noqa: F401  registers the model families with transformers' Auto classes

@@ -18,6 +18,17 @@ class RecurrentPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True  # generate() must not try assisted decoding: a recurrent state cannot roll back
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers saves, plus the model's code and `auto_map` (loadable without recur)."""
+        from pathlib import Path
+
+        from .remote_code import write_code
+
+        if type(self).__module__.startswith("recur."):  # (loaded as remote code, transformers copies it)
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            self.config.auto_map = write_code(self, save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own RecurrentCache

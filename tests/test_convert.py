@@ -66,21 +66,11 @@ def test_refuses_bad_input_with_one_line(fla_gla_folder, tmp_path, capsys):
     assert "not a HGRN2 checkpoint" in err and "GLA" in err and not (tmp_path / "c").exists()
 
 
-def _sibling(name):
-    """Another test file's model builders (tests are not a package under --import-mode=importlib)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_converts_a_transformers_mamba2_folder_and_a_blinkdl_rwkv6_file(tmp_path):
     """The other two layouts through the command: logits equal the source model's (Mamba-2) or the
     converter's own output (RWKV-6, whose reference is tested in test_model_rwkv6)."""
-    mamba2_tests, rwkv6_tests = _sibling("test_model_mamba2"), _sibling("test_model_rwkv6")
+    import test_model_mamba2 as mamba2_tests  # the other test files' model builders
+    import test_model_rwkv6 as rwkv6_tests
     hf = mamba2_tests.hf_mamba2(n_groups=1, tie=True)
     hf.save_pretrained(tmp_path / "hf-mamba2")
     assert convert_main([str(tmp_path / "hf-mamba2"), str(tmp_path / "m2")]) == 0

@@ -19,7 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ... import kernels
+from ...kernels import scalar_decay_attention
 from ..base import RecurrentPreTrainedModel, causal_lm_loss, sequence_layout
 from ..cache import RecurrentCache
 from ..layers import GatedRMSNorm, RMSNorm, ShortConvolution
@@ -66,7 +66,7 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         xs = xs.view(B, T, H, P)
         to_heads = lambda t: t.view(B, T, G, N).repeat_interleave(H // G, dim=2)
-        y, final = kernels.scalar_decay_attention(
+        y, final = scalar_decay_attention(
             to_heads(Cm), to_heads(Bm), (xs.float() * dt.unsqueeze(-1)).to(xs.dtype), dt * A, scale=1.0,
             initial_state=None if states is None else states.get("recurrent"),
             output_final_state=states is not None, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)

@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ... import kernels
+from ...kernels import rwkv6 as rwkv6_recurrence
 from ..base import RecurrentPreTrainedModel, causal_lm_loss, sequence_layout
 from ..cache import RecurrentCache
 from ..layers import token_shift
@@ -97,7 +97,7 @@ class RWKV6TimeMix(nn.Module):
         log_decay = heads(-decay.exp())
         if pad is not None:  # a pad adds nothing to the state and does not decay it
             k, log_decay = k * pad.unsqueeze(-1).to(k.dtype), log_decay * pad.unsqueeze(-1)
-        o, final = kernels.rwkv6(r, k, v, log_decay, self.time_faaaa.float(),
+        o, final = rwkv6_recurrence(r, k, v, log_decay, self.time_faaaa.float(),
                                  initial_state=None if states is None else states.get("wkv"),
                                  output_final_state=states is not None, cu_seqlens=cu_seqlens)
         if states is not None:
