@@ -2,11 +2,10 @@
 
     recur demo [--steps 400] [--out runs/demo]
 
-A byte-level language model of gated-linear-attention blocks (GLA token mixing, SwiGLU channel
-mixing), built directly on `recur.kernels`, trains on real English text that ships with Python
-itself (the reference manual in the standard library's `pydoc_data`), reports held-out bits per
-byte before and after, and generates text by decoding with a constant-size recurrent state,
-checked token for token against recomputing the whole sequence.
+A byte-level recur_gla model (GLA token mixing, SwiGLU channel mixing) trains on real English
+text that ships with Python itself (the reference manual in the standard library's `pydoc_data`),
+reports held-out bits per byte before and after, and generates text with `generate()` and its
+constant-size recurrent cache, checked token for token against recomputing the whole sequence.
 """
 from __future__ import annotations
 
@@ -17,11 +16,10 @@ import pathlib
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from recur import kernels
+from recur.modeling import GLAConfig, GLAForCausalLM
 
 VOCAB = 256  # bytes
 
@@ -39,79 +37,11 @@ def load_corpus(valid_fraction: float = 0.05) -> tuple[bytes, bytes]:
     return train, valid
 
 
-class GLABlock(nn.Module):
-    """x + GLA(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)); the gate is fla's low-rank form / 16."""
-
-    def __init__(self, dim: int, heads: int, gate_rank: int = 16, gate_normaliser: float = 16.0):
-        super().__init__()
-        self.heads, self.head_dim, self.gate_normaliser = heads, dim // heads, gate_normaliser
-        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.qkvg = nn.Linear(dim, 4 * dim, bias=False)
-        self.decay = nn.Sequential(nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, dim))
-        self.out_norm = nn.RMSNorm(self.head_dim)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.mlp_in = nn.Linear(dim, 2 * 4 * dim, bias=False)
-        self.mlp_out = nn.Linear(4 * dim, dim, bias=False)
-
-    def _mix_inputs(self, x):
-        shape = x.shape[:-1] + (self.heads, self.head_dim)
-        q, k, v, g = self.qkvg(x).chunk(4, -1)
-        log_decay = F.logsigmoid(self.decay(x)) / self.gate_normaliser
-        return q.view(shape), k.view(shape), v.view(shape), log_decay.view(shape), g
-
-    def _finish(self, x, o, g):
-        o = self.out_norm(o).flatten(-2) * F.silu(g)
-        h = x + self.out(o)
-        a, b = self.mlp_in(self.norm2(h)).chunk(2, -1)
-        return h + self.mlp_out(F.silu(a) * b)
-
-    def forward(self, x):
-        q, k, v, log_decay, g = self._mix_inputs(self.norm1(x))
-        o, _ = kernels.gated_linear_attention(q, k, v, log_decay)
-        return self._finish(x, o, g)
-
-    def step(self, x, state):
-        """One token: x [B, dim], state [B, H, K, V]."""
-        q, k, v, log_decay, g = self._mix_inputs(self.norm1(x))
-        o, state = kernels.gated_linear_attention_step(q, k, v, log_decay, state, self.head_dim**-0.5)
-        return self._finish(x, o.to(x.dtype), g), state
-
-
-class ByteLM(nn.Module):
-    def __init__(self, dim: int = 128, layers: int = 2, heads: int = 2):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, dim)
-        self.blocks = nn.ModuleList(GLABlock(dim, heads) for _ in range(layers))
-        self.norm = nn.RMSNorm(dim)
-        self.head = nn.Linear(dim, VOCAB, bias=False)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, new_tokens: int, temperature: float = 0.0, seed: int = 0):
-        """Decode with one [H, K, V] state per layer: memory stays constant however long the text."""
-        gen = torch.Generator().manual_seed(seed)
-        b = self.blocks[0]
-        states = [prompt.new_zeros(prompt.shape[0], b.heads, b.head_dim, b.head_dim, dtype=torch.float32)
-                  for _ in self.blocks]
-        tokens = prompt
-        for t in range(prompt.shape[1] + new_tokens - 1):
-            x = self.embed(tokens[:, t])
-            for i, block in enumerate(self.blocks):
-                x, states[i] = block.step(x, states[i])
-            if t + 1 < tokens.shape[1]:
-                continue  # still reading the prompt
-            logits = self.head(self.norm(x))
-            if temperature > 0:
-                nxt = torch.multinomial(F.softmax(logits / temperature, -1), 1, generator=gen)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, nxt], 1)
-        return tokens
+def demo_model() -> GLAForCausalLM:
+    """A small byte-level recur_gla: 2 layers of width 128, two heads of 64."""
+    config = GLAConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_heads=2, expand_k=1.0,
+                       expand_v=1.0, intermediate_size=512, bos_token_id=None, eos_token_id=None)
+    return GLAForCausalLM(config)
 
 
 def batches(data: torch.Tensor, batch: int, length: int, gen: torch.Generator):
@@ -122,11 +52,11 @@ def batches(data: torch.Tensor, batch: int, length: int, gen: torch.Generator):
 
 
 @torch.no_grad()
-def bits_per_byte(model: ByteLM, data: torch.Tensor, length: int = 512, max_rows: int = 48) -> float:
+def bits_per_byte(model: GLAForCausalLM, data: torch.Tensor, length: int = 512, max_rows: int = 48) -> float:
     rows = data[: (data.numel() - 1) // length * length + 1]
     ids = rows[:-1].view(-1, length)[:max_rows]
     targets = rows[1:].view(-1, length)[:max_rows]
-    loss = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+    loss = F.cross_entropy(model(ids, use_cache=False).logits.flatten(0, 1), targets.flatten())
     return loss.item() / math.log(2)
 
 
@@ -146,11 +76,12 @@ def main(argv=None) -> int:
     train_text, valid_text = load_corpus()
     train = torch.frombuffer(bytearray(train_text), dtype=torch.uint8).long()
     valid = torch.frombuffer(bytearray(valid_text), dtype=torch.uint8).long()
-    model = ByteLM()
+    model = demo_model()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"data: Python reference manual (pydoc_data), {len(train_text):,} training bytes, "
           f"{len(valid_text):,} held out")
-    print(f"model: byte-level GLA, {len(model.blocks)} layers, {n_params / 1e6:.2f}M parameters, CPU float32")
+    print(f"model: byte-level recur_gla, {model.config.num_hidden_layers} layers, {n_params / 1e6:.2f}M parameters, "
+          "CPU float32")
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.steps // 20)
@@ -165,7 +96,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for step in bar:
         ids, targets = next(data)
-        loss = F.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+        loss = F.cross_entropy(model(ids, use_cache=False).logits.flatten(0, 1), targets.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,17 +110,20 @@ def main(argv=None) -> int:
     metrics.close()
     after = bits_per_byte(model, valid)
     model.eval()
-    torch.save(model.state_dict(), out / "model.pt")
+    model.save_pretrained(out / "model")
 
     print(f"\n| held-out bits per byte | before | after |\n|---|---|---|\n| Python reference manual | "
           f"{before:.3f} | {after:.3f} |")
     prompt = torch.tensor([list(b"The ")])
-    greedy = model.generate(prompt, 48)
+    mask = torch.ones_like(prompt)
+    greedy = model.generate(prompt, attention_mask=mask, max_new_tokens=48, do_sample=False)
     with torch.no_grad():  # the recurrent decode must pick what a full forward over the same text picks
-        full = model(greedy[:, :-1]).argmax(-1)[:, prompt.shape[1] - 1:]
+        full = model(greedy[:, :-1], use_cache=False).logits.argmax(-1)[:, prompt.shape[1] - 1:]
     same = torch.equal(full, greedy[:, prompt.shape[1]:])
-    sample = model.generate(prompt, 300, temperature=0.8, seed=args.seed)
+    torch.manual_seed(args.seed)
+    sample = model.generate(prompt, attention_mask=mask, max_new_tokens=300, do_sample=True, temperature=0.8,
+                            top_k=0)
     print(f"\ngreedy decode with the recurrent state equals the full forward: {'yes' if same else 'NO'}")
     print("sampled text (temperature 0.8):\n" + bytes(sample[0].tolist()).decode("utf-8", "replace"))
-    print(f"\nmetrics and weights in {out}/")
+    print(f"\nmetrics in {out}/metrics.jsonl; the model (transformers format, code included) in {out}/model/")
     return 0 if same and after < before else 1
