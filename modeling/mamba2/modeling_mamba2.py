@@ -14,13 +14,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...kernels import scalar_decay_attention
-from ..base import RecurrentPreTrainedModel, causal_lm_loss, sequence_layout
+from ..base import RecurrentForCausalLM, RecurrentPreTrainedModel, sequence_layout
 from ..cache import RecurrentCache
 from ..layers import GatedRMSNorm, RMSNorm, ShortConvolution
 from .configuration_mamba2 import Mamba2Config
@@ -159,22 +158,6 @@ class Mamba2Model(Mamba2PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
 
 
-class Mamba2ForCausalLM(Mamba2PreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
-
-    def __init__(self, config: Mamba2Config):
-        super().__init__(config)
-        self.model = Mamba2Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
-        hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+class Mamba2ForCausalLM(RecurrentForCausalLM, Mamba2PreTrainedModel):
+    config_class = Mamba2Config
+    base_model_class = Mamba2Model

@@ -15,13 +15,12 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...kernels import rwkv6 as rwkv6_recurrence
-from ..base import RecurrentPreTrainedModel, causal_lm_loss, sequence_layout
+from ..base import RecurrentForCausalLM, RecurrentPreTrainedModel, sequence_layout
 from ..cache import RecurrentCache
 from ..layers import token_shift
 from .configuration_rwkv6 import RWKV6Config
@@ -245,22 +244,6 @@ class RWKV6Model(RWKV6PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
 
 
-class RWKV6ForCausalLM(RWKV6PreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
-
-    def __init__(self, config: RWKV6Config):
-        super().__init__(config)
-        self.model = RWKV6Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # BlinkDL's head
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embeddings
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
-        hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+class RWKV6ForCausalLM(RecurrentForCausalLM, RWKV6PreTrainedModel):
+    config_class = RWKV6Config
+    base_model_class = RWKV6Model
