@@ -21,6 +21,7 @@ LAYOUTS = {
     "hgrn2": ("hgrn2", "from_fla"),
     "mamba2": ("mamba2", "from_transformers"),  # transformers' Mamba2ForCausalLM (state-spaces/mamba2-*)
     "rwkv6": ("rwkv6", "from_hf"),  # RWKV/v6-Finch-*-HF
+    "recurrent_gemma": ("griffin", "from_transformers"),  # transformers' RecurrentGemma (google/recurrentgemma-*)
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")

@@ -44,7 +44,7 @@ def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("recur-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for sub in ["kernels", "modeling", "train", "data", "eval"] + [f"modeling/{f}" for f in ("gla", "hgrn2", "mamba2", "rwkv6")]:
+    for sub in ["kernels", "modeling", "train", "data", "eval"] + [f"modeling/{f}" for f in ("gla", "hgrn2", "mamba2", "rwkv6", "griffin")]:
         assert f"recur/{sub}/__init__.py" in names
     assert "recur/kernels/chunk.py" in names and "recur/cli.py" in names
     assert any(n.startswith("recur/recipes/") for n in names)

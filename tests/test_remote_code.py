@@ -11,6 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import recur  # noqa: F401
 
 TINY = {
+    "recur_griffin": dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, intermediate_size=48,
+                          num_attention_heads=4, lru_width=32, attention_window_size=6),
     "recur_gla": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2, gate_low_rank_dim=4),
     "recur_hgrn2": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, expand_ratio=16, intermediate_size=64),
     "recur_mamba2": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, d_state=8, headdim=8, chunk_size=16),
