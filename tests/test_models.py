@@ -14,13 +14,21 @@ TINY = {
                          chunk_size=16),
     "recur_rwkv6": dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, head_size=32, intermediate_size=128,
                         time_mix_low_rank_dim=8, time_decay_low_rank_dim=8),
+    # window 6 < the longer test sequences, so the window cache is exercised
+    "recur_griffin": dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, intermediate_size=64,
+                          num_attention_heads=4, lru_width=64, attention_window_size=6, logits_soft_cap=30.0),
+    "recur_griffin/hawk": dict(model_type="recur_griffin", vocab_size=101, hidden_size=48, num_hidden_layers=2,
+                               intermediate_size=64, num_attention_heads=4, block_types=["recurrent"],
+                               logits_soft_cap=0.0, embeddings_scale_by_sqrt_dim=False),
 }
 FAMILIES = sorted(TINY)
 
 
-def tiny_model(model_type, seed=0, **overrides):
+def tiny_model(family, seed=0, **overrides):
+    """family: a key of TINY (a model type, or model_type/variant with the type in the entry)."""
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
+    settings = {**TINY[family], **overrides}
+    config = AutoConfig.for_model(settings.pop("model_type", family), **settings)
     model = AutoModelForCausalLM.from_config(config).eval()
     # Random gates, not the zero-ish init: decays and outputs then differ by position, which tests need.
     with torch.no_grad():
@@ -36,7 +44,8 @@ def ids(*shape, seed=1, vocab=101):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_auto_classes_and_save_load_round_trip(family, tmp_path):
     model = tiny_model(family)
-    assert type(model).__name__.endswith("ForCausalLM") and model.config.model_type == family
+    assert type(model).__name__.endswith("ForCausalLM")
+    assert model.config.model_type == TINY[family].get("model_type", family)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
