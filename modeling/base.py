@@ -108,6 +108,9 @@ class RecurrentModel(RecurrentPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings = value
 
+    def final_norm(self, x):
+        return self.norm(x)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -124,7 +127,7 @@ class RecurrentModel(RecurrentPreTrainedModel):
         layout = Layout(position_ids.to(x.device), pad, cu_seqlens)
         for i, (block, extra) in enumerate(zip(self.layers, self.block_inputs())):
             x = block(x, layout, None if cache is None else cache.states(i), **extra)
-        x = self.norm(x).reshape(shape)
+        x = self.final_norm(x).reshape(shape)
         if cache is not None:
             cache.advance(shape[1])
         return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)

@@ -16,11 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...kernels import scalar_decay_attention
-from ..base import RecurrentForCausalLM, RecurrentPreTrainedModel, sequence_layout
-from ..cache import RecurrentCache
+from ..base import Layout, RecurrentForCausalLM, RecurrentModel, RecurrentPreTrainedModel
 from ..layers import GatedRMSNorm, RMSNorm, ShortConvolution
 from .configuration_mamba2 import Mamba2Config
 
@@ -83,10 +81,10 @@ class Mamba2Block(GradientCheckpointingLayer):
         self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mixer = Mamba2Mixer(config)
 
-    def forward(self, x, position_ids=None, pad=None, cu_seqlens=None, states=None):
+    def forward(self, x, layout: Layout, states=None):
         residual = x.float() if self.residual_in_fp32 else x
         # the stream may be float32 while the weights are not: normalise in the weights' dtype, as mamba_ssm
-        h = self.mixer(self.norm(x.to(self.norm.weight.dtype)), position_ids, pad, cu_seqlens, states)
+        h = self.mixer(self.norm(x.to(self.norm.weight.dtype)), *layout, states)
         return residual + h
 
 
@@ -123,7 +121,7 @@ class Mamba2PreTrainedModel(RecurrentPreTrainedModel):
             super()._init_weights(module)
 
 
-class Mamba2Model(Mamba2PreTrainedModel):
+class Mamba2Model(RecurrentModel, Mamba2PreTrainedModel):
     def __init__(self, config: Mamba2Config):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -131,31 +129,8 @@ class Mamba2Model(Mamba2PreTrainedModel):
         self.norm_f = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings = value
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
-        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        if use_cache is None:  # no cache while training: it is not needed, and packed documents refuse one
-            use_cache = self.config.use_cache and not self.training
-        cache = past_key_values if past_key_values is not None or not use_cache else RecurrentCache(len(self.layers))
-        past = cache.get_seq_length() if cache is not None else 0
-        position_ids, pad, cu_seqlens = sequence_layout(x.shape[:2], attention_mask, position_ids, past)
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("packed documents (position_ids restarting at 0) cannot be run with a cache")
-        shape, position_ids = x.shape, position_ids.to(x.device)
-        if cu_seqlens is not None:  # one row, so the conv and the scan see each document on its own
-            x, position_ids = x.reshape(1, -1, shape[-1]), position_ids.reshape(1, -1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, position_ids, pad, cu_seqlens, None if cache is None else cache.states(i))
-        x = self.norm_f(x.to(self.norm_f.weight.dtype)).reshape(shape)
-        if cache is not None:
-            cache.advance(shape[1])
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+    def final_norm(self, x):
+        return self.norm_f(x.to(self.norm_f.weight.dtype))  # the residual stream may be float32
 
 
 class Mamba2ForCausalLM(RecurrentForCausalLM, Mamba2PreTrainedModel):

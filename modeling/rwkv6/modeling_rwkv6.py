@@ -17,11 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ...kernels import rwkv6 as rwkv6_recurrence
-from ..base import RecurrentForCausalLM, RecurrentPreTrainedModel, sequence_layout
-from ..cache import RecurrentCache
+from ..base import Layout, RecurrentForCausalLM, RecurrentModel, RecurrentPreTrainedModel
 from ..layers import token_shift
 from .configuration_rwkv6 import RWKV6Config
 
@@ -135,11 +133,11 @@ class RWKV6Block(GradientCheckpointingLayer):
         self.ln2 = LayerNorm(config.hidden_size, eps=eps)
         self.ffn = RWKV6ChannelMix(config, layer_idx)
 
-    def forward(self, x, position_ids, pad=None, cu_seqlens=None, states=None):
+    def forward(self, x, layout: Layout, states=None):
         if self.ln0 is not None:
             x = self.ln0(x)
-        h = x + self.attn(self.ln1(x), position_ids, pad, cu_seqlens, states)
-        return h + self.ffn(self.ln2(h), position_ids, pad, states)
+        h = x + self.attn(self.ln1(x), *layout, states)
+        return h + self.ffn(self.ln2(h), layout.position_ids, layout.pad, states)
 
 
 def _orthogonal(weight, scale):
@@ -209,39 +207,13 @@ class RWKV6PreTrainedModel(RecurrentPreTrainedModel):
             super()._init_weights(module)
 
 
-class RWKV6Model(RWKV6PreTrainedModel):
+class RWKV6Model(RecurrentModel, RWKV6PreTrainedModel):
     def __init__(self, config: RWKV6Config):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(RWKV6Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)  # BlinkDL's ln_out
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings = value
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
-        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values if past_key_values is not None or not use_cache else RecurrentCache(len(self.layers))
-        past = cache.get_seq_length() if cache is not None else 0
-        position_ids, pad, cu_seqlens = sequence_layout(x.shape[:2], attention_mask, position_ids, past)
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("packed documents (position_ids restarting at 0) cannot be run with a cache")
-        shape = x.shape
-        position_ids = position_ids.to(x.device)
-        if cu_seqlens is not None:  # one row; the kernel restarts at cu_seqlens, the shift at position 0
-            x, position_ids = x.reshape(1, -1, shape[-1]), position_ids.reshape(1, -1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, position_ids, pad, cu_seqlens, None if cache is None else cache.states(i))
-        x = self.norm(x).reshape(shape)
-        if cache is not None:
-            cache.advance(shape[1])
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
 
 
 class RWKV6ForCausalLM(RecurrentForCausalLM, RWKV6PreTrainedModel):
