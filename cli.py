@@ -33,9 +33,17 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("convert", help="convert an official checkpoint (fla, transformers, BlinkDL) to recur",
                    add_help=False)
+    tokenizer = sub.add_parser("tokenizer", help="tokenizers")
+    tokenizer.add_subparsers(dest="tokenizer", metavar="WHAT", required=True).add_parser(
+        "train", help="train a byte-level BPE or Unigram tokenizer on data sources", add_help=False)
+    data = sub.add_parser("data", help="data")
+    data.add_subparsers(dest="data", metavar="WHAT", required=True).add_parser(
+        "prepare", help="pre-tokenize a recipe's data sources into memory-mapped shards", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", metavar="WHAT", required=True)
     bench_sub.add_parser("kernels", help="chunkwise kernels vs the sequential loop (forward + backward)",
+                         add_help=False)
+    bench_sub.add_parser("data", help="data-loader tokens/s vs the tokens/s a training step consumes",
                          add_help=False)
     args, rest = parser.parse_known_args(argv)
     # Each job parses its own options, so `recur demo --help` shows them.
@@ -43,8 +51,14 @@ def main(argv=None) -> int:
         from recur.train.demo import main as job
     elif args.command == "convert":
         from recur.modeling.convert import main as job
+    elif args.command == "tokenizer":
+        from recur.data.tokenizer import main as job
+    elif args.command == "data":
+        from recur.data.prepared import main as job
     elif args.command == "bench" and args.bench == "kernels":
         from recur.eval.bench_kernels import main as job
+    elif args.command == "bench" and args.bench == "data":
+        from recur.eval.bench_data import main as job
     return job(rest)
 
 

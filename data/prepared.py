@@ -1,0 +1,160 @@
+"""Pre-tokenized shards: tokenize once, memory-map on every later run.
+
+    recur data prepare RECIPE.yaml OUT [data.key=value ...]
+
+writes, for source i and file j, `OUT/s{i}/f{j}.tokens` (uint16 or uint32, every document's ids
+with eos appended, back to back) and `OUT/s{i}/f{j}.index` (int64 rows: document index, start,
+end), plus `manifest.json` (sources, files, tokenizer fingerprint). A run with `data.prepared: OUT`
+then reads token slices instead of text; everything else (order, split, sharding, packing) is the
+same code, so its batches are identical to the streaming path's for the same sources and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import DataConfig, DataError
+from .pipeline import _TOKENIZE_GROUP, encode
+from .sources import Problems, read_documents, source_files
+
+MANIFEST = "manifest.json"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}|{tokenizer.bos_token_id}".encode()).hexdigest()[:16]
+
+
+def _source_key(config: DataConfig) -> list:
+    return [[s.path, s.format, s.text_field, s.name, s.split] for s in config.sources]
+
+
+def prepare(config: DataConfig, tokenizer, out: str) -> dict:
+    """Tokenize every document of every source (both splits) into memory-mappable files."""
+    if os.path.exists(out) and os.listdir(out):
+        raise DataError(f"output folder {out!r} exists and is not empty")
+    dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+    problems = Problems(config.strict)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".prepared-", dir=parent)
+    files, total = [], 0
+    try:
+        for i, source in enumerate(config.sources):
+            paths = source_files(source)
+            files.append(paths)
+            os.makedirs(os.path.join(tmp, f"s{i}"))
+            for j, path in enumerate(tqdm(paths, desc=f"source {i}: {source.path}", unit="file")):
+                index, chunks, start = [], [], 0
+                docs = list(read_documents(path, source, problems))
+                for g in range(0, len(docs), 256):
+                    group = docs[g:g + 256]
+                    for (doc_index, _), ids in zip(group, encode(tokenizer, [t for _, t in group], config.add_bos)):
+                        index.append((doc_index, start, start + len(ids)))
+                        chunks.append(np.asarray(ids, dtype=dtype))
+                        start += len(ids)
+                stem = os.path.join(tmp, f"s{i}", f"f{j}")
+                (np.concatenate(chunks) if chunks else np.zeros(0, dtype)).tofile(stem + ".tokens")
+                np.asarray(index, dtype=np.int64).reshape(-1, 3).tofile(stem + ".index")
+                total += start
+        manifest = {"sources": _source_key(config), "files": files, "dtype": np.dtype(dtype).name,
+                    "tokenizer": tokenizer_fingerprint(tokenizer), "vocab": len(tokenizer), "add_bos": config.add_bos,
+                    "tokens": total}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+class Prepared:
+    """Read side: token slices by (source, file, document index)."""
+
+    def __init__(self, folder: str, manifest: dict):
+        self.folder, self.manifest = folder, manifest
+        self.dtype = np.dtype(manifest["dtype"])
+        self._open: dict = {}
+
+    def files(self, source: int) -> list[str]:
+        return self.manifest["files"][source]
+
+    def read(self, source: int, file: int, start: int = 0):
+        if (source, file) not in self._open:  # opened lazily: in the worker that reads it
+            stem = os.path.join(self.folder, f"s{source}", f"f{file}")
+            tokens = np.memmap(stem + ".tokens", dtype=self.dtype, mode="r") if os.path.getsize(stem + ".tokens") \
+                else np.zeros(0, self.dtype)
+            self._open[(source, file)] = (tokens, np.fromfile(stem + ".index", dtype=np.int64).reshape(-1, 3))
+        tokens, index = self._open[(source, file)]
+        for doc_index, a, b in index[np.searchsorted(index[:, 0], start):]:
+            yield int(doc_index), tokens[a:b]
+
+    def __getstate__(self):  # memmaps are reopened in each DataLoader worker
+        return {"folder": self.folder, "manifest": self.manifest, "dtype": self.dtype, "_open": {}}
+
+
+def open_prepared(config: DataConfig, tokenizer) -> Prepared:
+    folder = os.path.expanduser(config.prepared)
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise DataError(f"data.prepared {config.prepared!r}: no {MANIFEST} there (write it with `recur data prepare`)")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest["sources"] != _source_key(config):
+        raise DataError(f"data.prepared {config.prepared!r} was written for other sources: {manifest['sources']}")
+    if manifest["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"data.prepared {config.prepared!r} was written with another tokenizer "
+                        f"({manifest['vocab']} tokens); prepare it again with {config.tokenizer!r}")
+    if manifest["add_bos"] != config.add_bos:
+        raise DataError(f"data.prepared {config.prepared!r} was written with add_bos={manifest['add_bos']}")
+    return Prepared(folder, manifest)
+
+
+def main(argv=None) -> int:
+    from .tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="recur data prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="a recipe YAML (its data: section is used) or a data YAML")
+    parser.add_argument("out", help="output folder (must not exist or be empty)")
+    parser.add_argument("overrides", nargs="*", help="data.key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = load_data_config(args.recipe, args.overrides)
+        tokenizer = load_tokenizer(config.tokenizer)
+        manifest = prepare(config, tokenizer, args.out)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {manifest['tokens']:,} tokens from {sum(map(len, manifest['files']))} files to {args.out}")
+    return 0
+
+
+def load_data_config(path: str, overrides: list[str] = ()) -> DataConfig:
+    """The data: section of a recipe file (or a file that is only a data section), with overrides."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise DataError(f"recipe {path!r}: no such file")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise DataError(f"recipe {path!r}: not valid YAML ({str(e).splitlines()[0]})") from e
+    raw = raw.get("data", raw) if isinstance(raw, dict) else raw
+    if not isinstance(raw, dict):
+        raise DataError(f"recipe {path!r}: expected a mapping with a data: section")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("data."):
+            raise DataError(f"override {item!r}: expected data.key=value")
+        raw[key.removeprefix("data.")] = yaml.safe_load(value)
+    return DataConfig.from_dict(raw)

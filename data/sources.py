@@ -1,0 +1,245 @@
+"""Where documents come from: files, globs, folders, the built-in corpus and the Hub.
+
+Each source expands to an ordered list of "files" (a Hub dataset or the built-in corpus counts as
+one), and each file to an ordered stream of documents. Order is the only thing the rest of the
+pipeline relies on: a document is named by (file, index), which makes sharding, the validation
+split and resuming exact.
+
+Local files are read here with the standard library and pyarrow rather than `datasets`' builders,
+because bad lines must be skipped and counted with their line number (the json builder stops at
+the first one). Hub datasets go through `datasets.load_dataset(..., streaming=True)`.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import inspect
+import json
+import os
+import re
+import sysconfig
+import warnings
+from typing import Iterator
+
+from .config import DataError, SourceConfig
+
+BUILTIN = ("python-docs",)
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".raw": "text",
+                  ".md": "text"}
+_WIKI_OPEN = re.compile(rb"^<doc[ >]")
+_DOCSTRING = re.compile(r'^[ \t]*[rR]?"""(.*?)"""', re.S | re.M)
+
+
+def source_files(source: SourceConfig) -> list[str]:
+    """The files of a source, sorted; a clear error when there are none."""
+    path, fmt = source.path, source.format
+    if fmt == "builtin" or path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name not in BUILTIN:
+            raise DataError(f"unknown built-in corpus {path!r} (available: {', '.join('builtin:' + b for b in BUILTIN)})")
+        return [f"builtin:{name}"]
+    if fmt == "hub":
+        return [path]
+    if any(c in path for c in "*?["):
+        files = sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"data source {path!r}: the glob matches no files")
+        return files
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+        if not files:
+            raise DataError(f"data source {path!r}: the folder is empty")
+        return files
+    if os.path.isfile(path):
+        return [path]
+    raise DataError(f"data source {path!r}: no such file or folder")
+
+
+def file_format(path: str, fmt: str) -> str:
+    if path.startswith("builtin:"):
+        return "builtin"
+    if fmt != "auto":
+        return fmt
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[suffix]
+    with open(path, "rb") as f:  # WikiExtractor names its files wiki_00, wiki_01, ...
+        head = f.read(4096).lstrip()
+    return "wikiextractor" if _WIKI_OPEN.match(head) else "text"
+
+
+class Problems:
+    """Counts skipped lines/documents; warns once per file, or raises at the first when strict."""
+
+    def __init__(self, strict: bool):
+        self.strict, self.count, self.first, self.warned = strict, 0, None, set()
+        self._file_count = 0
+
+    def skip(self, path: str, line: int, why: str) -> None:
+        if self.strict:
+            raise DataError(f"{path}:{line}: {why} (data.strict is true)")
+        self.count += 1
+        self._file_count += 1
+        self.first = self.first or (path, line, why)
+
+    def end_file(self, path: str) -> None:
+        if self._file_count and path not in self.warned:
+            self.warned.add(path)
+            file, line, why = self.first
+            warnings.warn(f"skipped {self._file_count} malformed records in {path} "
+                          f"({self.count} in all so far; first: {file}:{line}: {why}); data.strict: true makes this an error",
+                          stacklevel=2)
+        self._file_count = 0
+
+
+def read_documents(path: str, source: SourceConfig, problems: Problems, start: int = 0) -> Iterator[tuple[int, str]]:
+    """(index, text) for each non-empty document of one file, from index `start` on."""
+    fmt = file_format(path, source.format)
+    reader = {"text": _text, "jsonl": _jsonl, "wikiextractor": _wikiextractor, "parquet": _parquet,
+              "builtin": _builtin, "hub": _hub}[fmt]
+    # Readers yield a document, or None for a record that counts but holds no document (the Hub
+    # skips by record). The Hub reader starts at `start` itself; local files are read from the top.
+    index = start if fmt == "hub" else 0
+    for text in reader(path, source, problems, start):
+        if index >= start and text is not None:
+            yield index, text
+        index += 1
+    problems.end_file(path)
+
+
+def _decode(raw: bytes, path: str, line: int, problems: Problems) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        problems.skip(path, line, f"undecodable bytes ({e.reason} at byte {e.start})")
+        return None
+
+
+def _text(path, source, problems, start):
+    """Plain text: one document per paragraph (blank-line separated), like datasets' sample_by='paragraph'."""
+    with open(path, "rb") as f:
+        lines, first = [], 0
+        for number, raw in enumerate(f, 1):
+            if raw.strip():
+                first = first or number
+                lines.append(raw)
+                continue
+            if lines:
+                text = _decode(b"".join(lines), path, first, problems)
+                if text is not None:
+                    yield text.strip()
+                lines, first = [], 0
+        if lines:
+            text = _decode(b"".join(lines), path, first, problems)
+            if text is not None:
+                yield text.strip()
+
+
+def _jsonl(path, source, problems, start):
+    field = source.text_field
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            line = _decode(raw, path, number, problems)
+            if line is None:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.skip(path, number, f"malformed JSON ({e.msg})")
+                continue
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                problems.skip(path, number, f"no string field {field!r}")
+                continue
+            if text.strip():
+                yield text
+
+
+def _wikiextractor(path, source, problems, start):
+    """WikiExtractor output: `<doc id=.. url=.. title=..>` ... `</doc>`, one document each."""
+    with open(path, "rb") as f:
+        body, opened_at = None, 0
+        for number, raw in enumerate(f, 1):
+            if body is None:
+                if _WIKI_OPEN.match(raw):
+                    body, opened_at = [], number
+                elif raw.strip():
+                    problems.skip(path, number, "text outside <doc> ... </doc>")
+                continue
+            if raw.startswith(b"</doc>"):
+                text = _decode(b"".join(body), path, opened_at, problems)
+                if text is not None and text.strip():
+                    yield text.strip()
+                body = None
+            else:
+                body.append(raw)
+        if body is not None:
+            problems.skip(path, opened_at, "<doc> without </doc>")
+
+
+def _parquet(path, source, problems, start):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+    if source.text_field not in table.schema_arrow.names:
+        raise DataError(f"{path}: no column {source.text_field!r} (columns: {', '.join(table.schema_arrow.names)})")
+    for batch in table.iter_batches(columns=[source.text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _builtin(path, source, problems, start):
+    yield from _python_docs()
+
+
+@functools.lru_cache(maxsize=1)
+def _python_docs() -> tuple[str, ...]:
+    """builtin:python-docs: English that ships with CPython, about 1.7 MB: the reference manual's
+    topics (`pydoc_data`), then for each standard-library module its docstrings as one document
+    (read as text, not imported)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise DataError(f"builtin:python-docs: this Python has no pydoc_data ({e})") from e
+    docs = [topics[name].strip() for name in sorted(topics)]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for folder, dirs, files in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "idlelib", "site-packages", "__pycache__", "encodings", "pydoc_data"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    code = f.read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            # Triple-quoted strings that open a line are docstrings, near enough; a regex reads the
+            # whole standard library in well under a second, where ast takes several.
+            parts = [inspect.cleandoc(m.group(1)) for m in _DOCSTRING.finditer(code)]
+            parts = [p for p in parts if len(p) >= 100]  # short ones are fragments
+            if sum(map(len, parts)) >= 500:
+                docs.append("\n\n".join(parts))
+    return tuple(docs)
+
+
+def _hub(path, source, problems, start):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(path, name=source.name, split=source.split, streaming=True,
+                                   data_files=source.data_files)
+    except Exception as e:  # offline, unknown name, bad config: all end the run the same way
+        raise DataError(f"Hub dataset {path!r}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if start:
+        ds = ds.skip(start)
+    for number, record in enumerate(ds, start):
+        text = record.get(source.text_field)
+        if not isinstance(text, str):
+            problems.skip(path, number, f"no string field {source.text_field!r}")
+            text = None
+        yield text if text and text.strip() else None

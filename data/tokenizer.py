@@ -1,0 +1,146 @@
+"""Tokenizers: load any transformers tokenizer, a GGUF file's, or the built-in byte tokenizer; train new ones.
+
+    recur tokenizer train SOURCES... --vocab-size N --kind bpe|unigram OUT
+
+trains a byte-level BPE (tokenizers) or a Unigram model (sentencepiece, with byte fallback) on the
+same sources the trainer reads, and saves a folder `AutoTokenizer.from_pretrained` loads, with
+bos, eos and pad tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import tempfile
+from typing import Iterable
+
+from .config import DataError, SourceConfig
+from .sources import Problems, read_documents, source_files
+
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def byte_tokenizer():
+    """256 byte tokens (id = byte value) plus <s>, </s>, <pad>: exact for any text, no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIALS.values()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def load_tokenizer(spec: str):
+    """`byte`, a tokenizer folder, or a .gguf file (its embedded tokenizer); must have an eos token."""
+    from transformers import AutoTokenizer
+
+    if spec == "byte":
+        tokenizer = byte_tokenizer()
+    else:
+        path = os.path.expanduser(spec)
+        if not os.path.exists(path):
+            raise DataError(f"tokenizer {spec!r}: no such file or folder (use 'byte', a tokenizer folder or a .gguf file)")
+        try:
+            if path.endswith(".gguf"):
+                tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # transformers raises many types for a folder that is not a tokenizer
+            raise DataError(f"tokenizer {spec!r}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {spec!r} has no eos token, which marks document ends in packed rows")
+    return tokenizer
+
+
+def check_vocab(tokenizer, vocab_size: int) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding."""
+    if len(tokenizer) > vocab_size:
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+                        f"set model.vocab_size >= {len(tokenizer)}")
+
+
+def iter_texts(sources: list[SourceConfig], strict: bool = False, max_chars: int | None = None) -> Iterable[str]:
+    problems, chars = Problems(strict), 0
+    for source in sources:
+        for path in source_files(source):
+            for _, text in read_documents(path, source, problems):
+                yield text
+                chars += len(text)
+                if max_chars and chars >= max_chars:
+                    return
+
+
+def train_tokenizer(sources: list[SourceConfig], vocab_size: int, kind: str, out: str,
+                    max_chars: int | None = None) -> None:
+    """Train and save atomically: a folder is either complete or not there."""
+    if os.path.exists(out) and os.listdir(out):
+        raise DataError(f"output folder {out!r} exists and is not empty")
+    if vocab_size < 300:
+        raise DataError(f"--vocab-size {vocab_size} is too small: the 256 bytes and 3 special tokens need 259")
+    texts = iter_texts(sources, max_chars=max_chars)
+    tokenizer = _train_bpe(texts, vocab_size) if kind == "bpe" else _train_unigram(texts, vocab_size)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    try:
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _train_bpe(texts, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def _train_unigram(texts, vocab_size):
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    model = io.BytesIO()
+    # byte_fallback: no text is ever out of vocabulary. ids 0-3 are the specials, as Llama's.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(line for text in texts for line in text.splitlines() if line.strip()),
+        model_writer=model, vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece=SPECIALS["bos_token"],
+        eos_piece=SPECIALS["eos_token"], pad_piece=SPECIALS["pad_token"], character_coverage=1.0, minloglevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(model.getvalue())
+        # transformers turns the sentencepiece model into its tokenizers-backed Llama tokenizer.
+        return LlamaTokenizer.from_pretrained(tmp, unk_token="<unk>", add_bos_token=False, **SPECIALS)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="recur tokenizer train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sources", nargs="+", help="files, folders, globs or builtin:python-docs")
+    parser.add_argument("out", help="output folder (must not exist or be empty)")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--kind", choices=["bpe", "unigram"], default="bpe")
+    parser.add_argument("--text-field", default="text", help="jsonl / parquet field holding the text")
+    parser.add_argument("--max-chars", type=int, default=None, help="stop reading after this many characters")
+    args = parser.parse_args(argv)
+    sources = [SourceConfig(path=s, text_field=args.text_field) for s in args.sources]
+    try:
+        train_tokenizer(sources, args.vocab_size, args.kind, args.out, args.max_chars)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    tokenizer = load_tokenizer(args.out)
+    print(f"saved a {args.kind} tokenizer with {len(tokenizer)} tokens to {args.out}")
+    return 0
