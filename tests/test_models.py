@@ -20,6 +20,12 @@ TINY = {
     "recur_griffin/hawk": dict(model_type="recur_griffin", vocab_size=101, hidden_size=48, num_hidden_layers=2,
                                intermediate_size=64, num_attention_heads=4, block_types=["recurrent"],
                                logits_soft_cap=0.0, embeddings_scale_by_sqrt_dim=False),
+    # memory chunk 4, MAC segment 8, window 6: the test sequences cross several of each
+    **{f"recur_titans/{variant}": dict(model_type="recur_titans", variant=variant, vocab_size=101, hidden_size=32,
+                                       num_hidden_layers=2, num_heads=2, intermediate_size=64, memory_depth=2,
+                                       memory_chunk_size=4, segment_len=8, attention_window_size=6,
+                                       num_persistent_tokens=2)
+       for variant in ("mac", "mag", "mal", "lmm")},
 }
 FAMILIES = sorted(TINY)
 

@@ -18,6 +18,8 @@ TINY = {
     "recur_mamba2": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, d_state=8, headdim=8, chunk_size=16),
     "recur_rwkv6": dict(vocab_size=61, hidden_size=64, num_hidden_layers=2, head_size=32, intermediate_size=128,
                         time_mix_low_rank_dim=8, time_decay_low_rank_dim=8),
+    "recur_titans": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=48,
+                         variant="mac", memory_chunk_size=4, segment_len=8, attention_window_size=6),
 }
 
 # Runs in a fresh Python where `import recur` fails, then compares with the logits saved beside.

@@ -1,0 +1,124 @@
+"""Titans' attention parts: persistent memory, sliding-window attention (MAG, MAL) and MAC's
+attention inside a segment.
+
+Persistent memory (paper eq. 19, x̃ = P ‖ x) is N_p learned tokens that every query sees first.
+In one attention layer a prepended input-independent token contributes only its key and value,
+so the tokens go through the layer's own k/v projections (without RoPE) and join every query's keys.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def rotary(x, position_ids, theta):
+    """RoPE (rotate-half) on x [B, T, H, K] at positions [B, T]."""
+    K = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, K, 2, device=x.device, dtype=torch.float32) / K)
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat([freqs, freqs], -1)[:, :, None]
+    half = torch.cat([-x[..., K // 2:], x[..., :K // 2]], -1)
+    return x * emb.cos().to(x.dtype) + half * emb.sin().to(x.dtype)
+
+
+def _softmax_read(scores, values):
+    """softmax over the key axis (float32), then the weighted values: scores [..., q, s], values [..., s, V]."""
+    return scores.float().softmax(-1).to(values.dtype) @ values
+
+
+def window_attention(q, k, v, valid, window, prefix_k, prefix_v, cache=None, scale=None):
+    """Each query attends to the persistent keys and the last `window` keys (itself included).
+
+    q, k, v [B, T, H, K]; valid [B, T] bool (pad keys are never seen; a query always sees itself, so
+    pad rows stay finite); prefix_k/v [N_p, H, K]; cache = (keys [B, W−1, H, K], values, valid [B, W−1])
+    of the tokens before. Queries go in blocks of up to `window`, each against its W − 1 + block keys.
+    Returns (out [B, T, H, K], the new cache).
+    """
+    B, T, H, K = q.shape
+    P, scale = window - 1, scale or K ** -0.5
+    if cache is None:
+        cache = (k.new_zeros(B, P, H, K), v.new_zeros(B, P, H, v.shape[-1]),
+                 torch.zeros(B, P, dtype=torch.bool, device=q.device))
+    keys, values = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
+    seen = torch.cat([cache[2], valid], 1)
+    block = max(1, min(window, T))
+    n = math.ceil(T / block)
+    grow = n * block - T
+    span = block + P
+    qb = F.pad(q, (0, 0, 0, 0, 0, grow)).view(B, n, block, H, K)
+    kb = F.pad(keys, (0, 0, 0, 0, 0, grow)).unfold(1, span, block)  # [B, n, H, K, span]
+    vb = F.pad(values, (0, 0, 0, 0, 0, grow)).unfold(1, span, block)
+    sb = F.pad(seen, (0, grow)).unfold(1, span, block)  # [B, n, span]
+    r = torch.arange(block, device=q.device)[:, None]
+    o = torch.arange(span, device=q.device)[None]
+    local = (o >= r) & (o <= r + P)  # key o of a block is query r's, or one of its W − 1 before
+    mask = (local & sb[:, :, None, None, :]) | (o == r + P)  # [B, n, 1, block, span]
+    scores = torch.einsum("bnrhk,bnhks->bnhrs", qb, kb) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    fixed = torch.einsum("bnrhk,phk->bnhrp", qb, prefix_k.to(q.dtype)) * scale
+    values_all = torch.cat([prefix_v.to(v.dtype).permute(1, 0, 2).expand(B, n, H, -1, -1),
+                            vb.transpose(-1, -2)], -2)  # [B, n, H, N_p + span, V]
+    out = _softmax_read(torch.cat([fixed, scores], -1), values_all)  # [B, n, H, block, V]
+    out = out.permute(0, 1, 3, 2, 4).reshape(B, n * block, H, -1)[:, :T]
+    return out, (keys[:, T:], values[:, T:], seen[:, T:])
+
+
+class WindowAttention(nn.Module):
+    """Sliding-window attention with persistent memory and RoPE (MAG's and MAL's attention)."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        self.num_heads, self.head_dim, self.window, self.rope_theta = H, D // H, config.attention_window_size, config.rope_theta
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.persistent = nn.Parameter(torch.zeros(config.num_persistent_tokens, D))
+
+    def prefix(self):
+        return (self.k_proj(self.persistent).unflatten(-1, (self.num_heads, -1)),
+                self.v_proj(self.persistent).unflatten(-1, (self.num_heads, -1)))
+
+    def forward(self, x, position_ids, keep=None, states=None):
+        B, T, _ = x.shape
+        q, k, v = (p(x).unflatten(-1, (self.num_heads, -1)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = rotary(q, position_ids, self.rope_theta), rotary(k, position_ids, self.rope_theta)
+        valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if keep is None else keep
+        out, cache = window_attention(q, k, v, valid, self.window, *self.prefix(),
+                                      None if states is None else states.get("window"))
+        if states is not None:
+            states["window"] = cache
+        return self.o_proj(out.flatten(-2))
+
+
+class SegmentAttention(nn.Module):
+    """MAC's attention (eqs. 22–23) over persistent ‖ retrieved h ‖ segment, causal over both: query i
+    sees h_j and x_j for j ≤ i only (h_j is read with x_j's query, so a later h_j would leak x_j)."""
+
+    def __init__(self, config):
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        self.num_heads, self.rope_theta = H, config.rope_theta
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
+        self.persistent = nn.Parameter(torch.zeros(config.num_persistent_tokens, D))
+
+    def forward(self, x, h, valid):
+        """x, h [B, c, D] (the segment and its reads, from the segment start); valid [B, c] bool."""
+        B, c, _ = x.shape
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        positions = torch.arange(c, device=x.device).expand(B, c)
+        q = rotary(heads(self.q_proj(x)), positions, self.rope_theta)
+        tokens = torch.cat([h, x], 1)
+        k = rotary(heads(self.k_proj(tokens)), positions.repeat(1, 2), self.rope_theta)
+        v = heads(self.v_proj(tokens))
+        pk, pv = heads(self.k_proj(self.persistent)), heads(self.v_proj(self.persistent))
+        i, j = torch.arange(c, device=x.device)[:, None], torch.arange(c, device=x.device)[None]
+        mask = ((j <= i) & valid[:, None, None, :]) | (j == i)  # [B, 1, c, c]
+        scale = q.shape[-1] ** -0.5
+        fixed = torch.einsum("bihk,phk->bhip", q, pk.to(q.dtype)) * scale
+        local = torch.einsum("bihk,bjhk->bhij", q, k) * scale
+        local = local.masked_fill(~mask.repeat(1, 1, 1, 2), float("-inf"))
+        values = torch.cat([pv.to(v.dtype).transpose(0, 1).expand(B, -1, -1, -1), v.transpose(1, 2)], 2)
+        out = _softmax_read(torch.cat([fixed, local], -1), values)  # [B, H, c, V]
+        return self.o_proj(out.transpose(1, 2).flatten(-2))
