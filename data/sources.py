@@ -38,8 +38,9 @@ def source_files(source: SourceConfig) -> list[str]:
         if name not in BUILTIN:
             raise DataError(f"unknown built-in corpus {path!r} (available: {', '.join('builtin:' + b for b in BUILTIN)})")
         return [f"builtin:{name}"]
-    if fmt == "hub":
-        return [path]
+    if fmt == "hub":  # the dataset's own shards (usually its files) play the part of files
+        shards = _open_hub(source).num_shards
+        return [f"{path}#shard{i}of{shards}" for i in range(shards)]
     if any(c in path for c in "*?["):
         files = sorted(f for f in glob.glob(os.path.expanduser(path), recursive=True) if os.path.isfile(f))
         if not files:
@@ -227,14 +228,19 @@ def _python_docs() -> tuple[str, ...]:
     return tuple(docs)
 
 
-def _hub(path, source, problems, start):
+def _open_hub(source: SourceConfig):
     import datasets
 
     try:
-        ds = datasets.load_dataset(path, name=source.name, split=source.split, streaming=True,
-                                   data_files=source.data_files)
+        return datasets.load_dataset(source.path, name=source.name, split=source.split, streaming=True,
+                                     data_files=source.data_files)
     except Exception as e:  # offline, unknown name, bad config: all end the run the same way
-        raise DataError(f"Hub dataset {path!r}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise DataError(f"Hub dataset {source.path!r}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def _hub(path, source, problems, start):
+    index, shards = map(int, path.rpartition("#shard")[2].split("of"))
+    ds = _open_hub(source).shard(num_shards=shards, index=index)
     if start:
         ds = ds.skip(start)
     for number, record in enumerate(ds, start):

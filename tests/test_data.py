@@ -82,15 +82,21 @@ def test_builtin_corpus_is_real_english_that_ships_with_python():
 
 
 def test_hub_path_through_datasets_streaming(tmp_path):
-    """The Hub code path (datasets.load_dataset(..., streaming=True)), fed a local file offline."""
-    numbered_docs(tmp_path, n_files=1, per_file=7)
-    source = SourceConfig("json", format="hub", data_files=str(tmp_path / "part0.jsonl"))
-    assert source_files(source) == ["json"]
-    docs = list(read_documents("json", source, Problems(True)))
-    assert [i for i, _ in docs] == list(range(7)) and docs[3][1].startswith("<3>")
-    assert list(read_documents("json", source, Problems(True), start=5)) == docs[5:]  # resume skips in datasets
+    """The Hub code path (datasets.load_dataset(..., streaming=True)), fed local files offline.
+    The dataset's shards are its "files": each loader slot streams only its own."""
+    numbered_docs(tmp_path, n_files=3, per_file=7)
+    source = SourceConfig("json", format="hub", data_files=sorted(map(str, tmp_path.glob("*.jsonl"))))
+    files = source_files(source)
+    assert files == [f"json#shard{i}of3" for i in range(3)]
+    docs = list(read_documents(files[1], source, Problems(True)))
+    assert [i for i, _ in docs] == list(range(7)) and docs[3][1].startswith("<1003>")
+    assert list(read_documents(files[1], source, Problems(True), start=5)) == docs[5:]  # resume skips in datasets
+    cfg = DataConfig(sources=[source], seq_len=32, epochs=1, validation_fraction=0.0)
+    tok = byte_tokenizer()
+    seen = [ids_of(documents_in(build_loader(cfg, tok, 2, rank=r, world_size=3), tok)) for r in range(3)]
+    assert sorted(sum(seen, [])) == sorted(f * 1000 + d for f in range(3) for d in range(7))
     with pytest.raises(DataError, match="cannot open"):
-        list(read_documents("no/such-dataset", SourceConfig("no/such-dataset", format="hub"), Problems(True)))
+        source_files(SourceConfig("no/such-dataset", format="hub"))
 
 
 @pytest.mark.skipif(not WIKI.exists(), reason="../shared/data (Wikipedia sample) is not on this machine")
