@@ -24,14 +24,18 @@ from recur.data import DataConfig, SourceConfig, build_loader, load_tokenizer, t
 SHARED_WIKI = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "pretrain" / "enwiki-2015"
 
 
-def loader_tokens_per_s(config: DataConfig, tokenizer, batch_size: int, batches: int, workers: int) -> tuple[float, float]:
-    """(tokens/s over `batches` batches from a fresh loader, share of padding)."""
+def loader_tokens_per_s(config: DataConfig, tokenizer, batch_size: int, batches: int, workers: int) -> dict:
+    """Tokens/s over `batches` batches from a fresh loader, and how the rows are packed."""
     loader = build_loader(config, tokenizer, batch_size, num_workers=workers)
-    start, tokens, pad = time.perf_counter(), 0, 0
+    start, tokens, pad, starts, rows, continued = time.perf_counter(), 0, 0, 0, 0, 0
     for i, batch in zip(tqdm(range(batches), desc=f"loader, {workers} worker(s)", unit="batch", leave=False), loader):
         tokens += batch["input_ids"].numel()
         pad += (batch["labels"] == -100).sum().item()
-    return tokens / (time.perf_counter() - start), pad / max(tokens, 1)
+        starts += (batch["position_ids"] == 0).sum().item()
+        rows += batch["input_ids"].shape[0]
+        continued += (batch["position_ids"][:, 0] != 0).sum().item()
+    return dict(rate=tokens / (time.perf_counter() - start), efficiency=1 - pad / max(tokens, 1),
+                docs_per_row=starts / rows, continued=continued / rows)
 
 
 def train_tokens_per_s(model, vocab: int, batch_size: int, seq_len: int, steps: int) -> float:
@@ -75,8 +79,7 @@ def main(argv=None) -> int:
               f"batches of {args.batch_size} x {args.seq_len} tokens")
         rows = []
         for workers in args.workers:
-            rate, pad = loader_tokens_per_s(config, tokenizer, args.batch_size, args.batches, workers)
-            rows.append((workers, rate, pad))
+            rows.append((workers, loader_tokens_per_s(config, tokenizer, args.batch_size, args.batches, workers)))
 
     model = demo_model()
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -85,9 +88,11 @@ def main(argv=None) -> int:
     train = train_tokens_per_s(model, len(tokenizer), args.batch_size, args.seq_len, args.train_steps)
     print(f"training step of the README demo model ({n_params / 1e6:.2f}M parameters, CPU, {torch.get_num_threads()} "
           f"threads): {train:,.0f} tokens/s\n")
-    print("| loader workers | tokens/s | padding | loader / training step |\n|---|---|---|---|")
-    for workers, rate, pad in rows:
-        print(f"| {workers} | {rate:,.0f} | {pad:.2%} | {rate / train:.1f}x |")
-    worst = min(rate for _, rate, _ in rows) / train
+    print("| loader workers | tokens/s | loader / training step | packing efficiency (non-pad) | documents per row "
+          "| rows opening mid-document |\n|---|---|---|---|---|---|")
+    for workers, r in rows:
+        print(f"| {workers} | {r['rate']:,.0f} | {r['rate'] / train:.1f}x | {r['efficiency']:.1%} | "
+              f"{r['docs_per_row']:.2f} | {r['continued']:.0%} |")
+    worst = min(r["rate"] for _, r in rows) / train
     print(f"\nslowest loader / training step = {worst:.1f}x (target: at least 10x)")
     return 0 if worst >= 10 else 1
