@@ -5,6 +5,8 @@ import argparse
 import ctypes
 import sys
 
+from recur.data.config import DataError
+
 
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory instead of handing multi-MB blocks back to the OS.
@@ -59,7 +61,14 @@ def main(argv=None) -> int:
         from recur.eval.bench_kernels import main as job
     elif args.command == "bench" and args.bench == "data":
         from recur.eval.bench_data import main as job
-    return job(rest)
+    try:
+        return job(rest)
+    except DataError as e:  # bad input: one line, no traceback
+        # An error raised in a DataLoader worker comes back wrapped with the worker's traceback;
+        # its last line is the original message.
+        message = str(e).strip().splitlines()[-1].removeprefix("recur.data.config.DataError: ")
+        print(f"error: {message.removeprefix('DataError: ')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
