@@ -206,10 +206,11 @@ class NeuralMemory(nn.Module):
         u, new_state[name] = conv(u, None, None if state is None else state[name])
         return u
 
-    def retrieve(self, x, keep=None, state=None, want_state=False):
+    def retrieve(self, x, keep=None, state=None, want_state=False, lengths=None):
         """The raw reads M_t(q_t) [B, T, H, dk] and, if `want_state` or a state was given, the new state.
 
-        x [B, T, D]; keep [B, T] bool (False = pad: neither stored nor read)."""
+        x [B, T, D]; keep [B, T] bool (False = pad: neither stored nor read). `lengths` [B] instead
+        says the rows are right-padded and start a chunk (MAC's segments): nothing to realign."""
         B, T, _ = x.shape
         H = self.num_heads
         new_state = {}
@@ -222,8 +223,10 @@ class NeuralMemory(nn.Module):
         lr, log_eta, log_keep = self.gates(x)
         memory = state if state is not None else self.initial_state(B, x.device)
         tokens = [k, v, lr, log_eta, log_keep, q]
-        cached = None if state is None else [*memory["pending"], torch.zeros_like(memory["pending"][0])]
-        tokens, lengths, index = realign(tokens, keep, cached, None if state is None else memory["count"])
+        index = None
+        if lengths is None:
+            cached = None if state is None else [*memory["pending"], torch.zeros_like(memory["pending"][0])]
+            tokens, lengths, index = realign(tokens, keep, cached, None if state is None else memory["count"])
         k, v, lr, log_eta, log_keep, q = tokens
         weights = [w.to(dt) for w in memory["weights"]]
         momentum = [s.to(dt) for s in memory["momentum"]]
@@ -242,6 +245,6 @@ class NeuralMemory(nn.Module):
         """Normalise each head's read, gate it with a linear map of x, project back to the model width."""
         return self.o_proj(self.out_norm(reads.flatten(-2).to(x.dtype), self.out_gate(x)))
 
-    def forward(self, x, keep=None, state=None, want_state=False):
-        reads, state = self.retrieve(x, keep, state, want_state)
+    def forward(self, x, keep=None, state=None, want_state=False, lengths=None):
+        reads, state = self.retrieve(x, keep, state, want_state, lengths)
         return self.output(reads, x), state

@@ -123,10 +123,10 @@ class MemoryAsContext(nn.Module):
             q = _l2norm(u.to(memory["weights"][0].dtype), self.context_q_norm_weight, self.num_heads)
             h = self.memory.output(mlp_read(memory["weights"], q, self.activation), seg)
             y = self.attention(seg, h, valid)
-            m, new_memory = self.memory(y, valid, memory, want_state=True)
+            m, new_memory = self.memory(y, valid, memory, want_state=True, lengths=(lengths - start).clamp(0, seg.shape[1]))
             outs.append(self.gate(y, m))
             done = lengths >= start + C  # rows whose segment closed: their next one starts from here
-            memory = _select(done, new_memory, memory)
+            memory = _select(done, new_memory, memory)  # (its open chunk is empty: C is a multiple of b)
             conv = torch.where(done[:, None, None], new_conv, conv)
         out = unalign(torch.cat(outs, 1), index, keep)
         if states is not None:
