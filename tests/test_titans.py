@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recur.kernels import gated_delta_rule
+from recur.kernels import gated_delta_rule, sliding_window_attention
 from recur.modeling.titans import TitansConfig
 from recur.modeling.titans.memory import NeuralMemory, memory_scan
 
@@ -200,3 +200,27 @@ def test_matches_titans_pytorch_neural_memory(depth, chunk):
     err = (reads.flatten(-2) - expected).abs().max().item()
     print(f"titans-pytorch depth {depth} chunk {chunk}: max |error| {err:.2e}")
     assert err < 1e-10, err
+
+
+@pytest.mark.parametrize("T,window", [(1, 4), (7, 4), (33, 8), (5, 16)])
+def test_window_attention_is_the_kernels_window_plus_persistent_keys(T, window):
+    from recur.modeling.titans.attention import window_attention
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, T, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    valid = torch.ones(2, T, dtype=torch.bool)
+    none = torch.zeros(0, 3, 8, dtype=torch.float64)
+    cut = T // 2  # chained through the window cache
+    first, cache = window_attention(q[:, :cut], k[:, :cut], v[:, :cut], valid[:, :cut], window, none, none)
+    second, _ = window_attention(q[:, cut:], k[:, cut:], v[:, cut:], valid[:, cut:], window, none, none, cache)
+    expected, _ = sliding_window_attention(q, k, v, window, impl="naive")
+    torch.testing.assert_close(torch.cat([first, second], 1), expected, atol=1e-12, rtol=1e-12)
+    # persistent keys: one softmax over them and the window
+    pk, pv = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out, _ = window_attention(q, k, v, valid, window, pk, pv)
+    scores = torch.einsum("bthk,phk->bthp", q, pk) * 8 ** -0.5
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    local = torch.einsum("bthk,bshk->bths", q, k).mul(8 ** -0.5).masked_fill(~((j <= i) & (j > i - window))[:, None], -torch.inf)
+    probs = torch.cat([scores, local], -1).softmax(-1)
+    torch.testing.assert_close(out, torch.einsum("bthp,phv->bthv", probs[..., :2], pv)
+                               + torch.einsum("bths,bshv->bthv", probs[..., 2:], v), atol=1e-12, rtol=1e-12)

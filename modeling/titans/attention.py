@@ -25,8 +25,8 @@ def rotary(x, position_ids, theta):
 
 
 def _softmax_read(scores, values):
-    """softmax over the key axis (float32), then the weighted values: scores [..., q, s], values [..., s, V]."""
-    return scores.float().softmax(-1).to(values.dtype) @ values
+    """softmax over the key axis (float32 or wider), then the weighted values: scores [..., q, s], values [..., s, V]."""
+    return scores.to(torch.promote_types(scores.dtype, torch.float32)).softmax(-1).to(values.dtype) @ values
 
 
 def window_attention(q, k, v, valid, window, prefix_k, prefix_v, cache=None, scale=None):
@@ -44,6 +44,8 @@ def window_attention(q, k, v, valid, window, prefix_k, prefix_v, cache=None, sca
                  torch.zeros(B, P, dtype=torch.bool, device=q.device))
     keys, values = torch.cat([cache[0].to(k.dtype), k], 1), torch.cat([cache[1].to(v.dtype), v], 1)
     seen = torch.cat([cache[2], valid], 1)
+    if T == 0:
+        return q.new_zeros(B, 0, H, v.shape[-1]), (keys, values, seen)
     block = max(1, min(window, T))
     n = math.ceil(T / block)
     grow = n * block - T

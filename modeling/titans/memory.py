@@ -59,14 +59,23 @@ def _segment_sums(x):
     return y.masked_fill(~lower, float("-inf"))
 
 
-def memory_chunk(weights, momentum, k, v, q, lr, log_eta, log_keep, activation="gelu"):
-    """One chunk of c tokens from its start weights and momentum (lists of [B, H, i, o]).
+def _coefficients(lr, log_eta, log_keep):
+    """What a chunk's gates do, for gates [..., c] (θ, log η, log(1 − α)), as
+    M_i = keep_i M_0 + from_momentum_i S_0 − Σ_{j≤i} coef_ij u_j and S_c = eta_end S_0 − Σ_j to_momentum_j u_j,
+    u_j the gradient of token j at M_0."""
+    eta_between = _segment_sums(log_eta).exp()  # (m, j): Π_{j<l≤m} η_l
+    keep_between = _segment_sums(log_keep).exp()  # (i, m): Π_{m<l≤i} (1 − α_l)
+    eta_from_start = log_eta.cumsum(-1).exp()
+    return dict(keep=log_keep.cumsum(-1).exp(),
+                from_momentum=(keep_between @ eta_from_start.unsqueeze(-1)).squeeze(-1),
+                coef=(keep_between @ eta_between) * lr.unsqueeze(-2),  # Σ_{m=j..i} Π(1 − α) Π η, times θ_j
+                eta_end=eta_from_start[..., -1], to_momentum=eta_between[..., -1, :] * lr)
 
-    k, q [B, c, H, dk]; v [B, c, H, dv]; lr = θ, log_eta = log η, log_keep = log(1 − α) [B, c, H].
-    Returns (reads [B, c, H, dv], weights after the chunk, momentum after the chunk).
-    """
+
+def _key_pass(weights, k, v, activation):
+    """The keys through the chunk-start weights and back: per layer, its inputs and ∂ℓ/∂(its output)
+    (the per-token gradient of layer n is inputs[n]ᵀ grads[n]). k [B, c, H, dk], weights [B, H, i, o]."""
     act = ACTIVATIONS[activation]
-    # the keys through the start weights, keeping each layer's input and activation slope
     inputs, slopes, h = [], [], k
     for n, w in enumerate(weights):
         if n:
@@ -74,63 +83,63 @@ def memory_chunk(weights, momentum, k, v, q, lr, log_eta, log_keep, activation="
             slopes.append(slope)
         inputs.append(h)
         z = torch.einsum("bchi,bhio->bcho", h, w)
-    # ∂ℓ/∂(each layer's output), back to front: per-token gradient of layer n = inputs[n]ᵀ grads[n]
-    grads = [z - v]
+    grads = [z - v]  # ∂ ½‖M(k) − v‖² / ∂M(k)
     for n in range(len(weights) - 1, 0, -1):
         grads.insert(0, torch.einsum("bcho,bhio->bchi", grads[0], weights[n]) * slopes[n - 1])
-
-    lr, log_eta, log_keep = (t.transpose(1, 2) for t in (lr, log_eta, log_keep))  # [B, H, c]
-    eta_between = _segment_sums(log_eta).exp()  # (m, j): Π_{j<l≤m} η_l
-    keep_between = _segment_sums(log_keep).exp()  # (i, m): Π_{m<l≤i} (1 − α_l)
-    keep_from_start = log_keep.cumsum(-1).exp()  # coefficient of M_0 in M_i
-    from_momentum = (keep_between @ log_eta.cumsum(-1).exp().unsqueeze(-1)).squeeze(-1)  # of S_0 in M_i
-    coef = (keep_between @ eta_between) * lr.unsqueeze(-2)  # (i, j): of −u_j in M_i (θ_j included)
-
-    # reads: x M_i = keep·(x M_0) + from_momentum·(x S_0) − Σ_j coef_ij (x · input_j) grad_j, layer by layer
-    e = q
-    for n, (w, s) in enumerate(zip(weights, momentum)):
-        if n:
-            e = act(e)[0]
-        y = (torch.einsum("bchi,bhio->bcho", e, w) * keep_from_start.transpose(1, 2)[..., None]
-             + torch.einsum("bchi,bhio->bcho", e, s) * from_momentum.transpose(1, 2)[..., None])
-        scores = torch.einsum("bihd,bjhd->bhij", e, inputs[n]) * coef
-        e = y - torch.einsum("bhij,bjho->biho", scores, grads[n])
-
-    last = lambda t: t[..., -1, None, None]  # noqa: E731  the chunk end, as [B, H, 1, 1]
-    to_weights, to_momentum = coef[..., -1, :], eta_between[..., -1, :] * lr  # [B, H, c]
-    new_weights = [w * last(keep_from_start) + s * last(from_momentum)
-                   - torch.einsum("bhj,bjhi,bjho->bhio", to_weights, x, g)
-                   for w, s, x, g in zip(weights, momentum, inputs, grads)]
-    new_momentum = [s * last(log_eta.cumsum(-1).exp()) - torch.einsum("bhj,bjhi,bjho->bhio", to_momentum, x, g)
-                    for s, x, g in zip(momentum, inputs, grads)]
-    return e, new_weights, new_momentum
+    return inputs, grads
 
 
 def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, activation="gelu", lengths=None):
-    """`memory_chunk` over consecutive chunks of [B, L] tokens (float32 or wider inputs).
+    """The memory over [B, L] tokens from (weights, momentum) (lists of [B, H, i, o], float32 or wider).
 
-    A row's tokens at or past `lengths` [B] (right padding) change none of its state: the returned
-    weights and momentum are those after each row's last complete chunk. Returns (reads [B, L, H, dv],
-    weights, momentum).
+    k, q [B, L, H, dk]; v [B, L, H, dv]; lr = θ, log_eta = log η, log_keep = log(1 − α) [B, L, H].
+    Only the key pass and the state update go chunk after chunk; the gate coefficients before and
+    the reads after are batched over all chunks. A row's tokens at or past `lengths` [B] (right
+    padding) change none of its state. Returns (reads [B, L, H, dv], weights, momentum) with the
+    state after each row's last complete chunk.
     """
-    L, reads = k.shape[1], []
-    for start in range(0, L, chunk_size):
-        end = min(start + chunk_size, L)
-        part = lambda t: t[:, start:end]  # noqa: E731
-        r, new_w, new_s = memory_chunk(weights, momentum, *map(part, (k, v, q, lr, log_eta, log_keep)), activation)
-        reads.append(r)
-        if end - start < chunk_size:
+    B, L, H, _ = k.shape
+    c, n = chunk_size, math.ceil(L / chunk_size)
+    grow = n * c - L  # the open chunk's missing tokens: zeros, after every real one
+    chunks = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, grow)).unflatten(1, (n, c))  # noqa: E731
+    k, v, q = chunks(k), chunks(v), chunks(q)  # [B, n, c, H, d]
+    gates = [chunks(t).permute(0, 1, 3, 2) for t in (lr, log_eta, log_keep)]  # [B, n, H, c]
+    co = _coefficients(*gates)
+    at_end = lambda t, i: t[:, i, ..., None, None]  # noqa: E731  [B, n, H] -> chunk i's, as [B, H, 1, 1]
+    anchors, saved = [], []
+    for i in range(n):
+        inputs, grads = _key_pass(weights, k[:, i], v[:, i], activation)
+        anchors.append((weights, momentum))
+        saved.append((inputs, grads))
+        if i == n - 1 and grow:
             break  # an open chunk: nothing settles
+        update = lambda by: [torch.einsum("bhj,bjhi,bjho->bhio", by, x, g) for x, g in zip(inputs, grads)]  # noqa: E731
+        new_w = [w * at_end(co["keep"][..., -1], i) + s * at_end(co["from_momentum"][..., -1], i) - u
+                 for w, s, u in zip(weights, momentum, update(co["coef"][:, i, :, -1]))]
+        new_s = [s * at_end(co["eta_end"], i) - u for s, u in zip(momentum, update(co["to_momentum"][:, i]))]
         if lengths is None:
             weights, momentum = new_w, new_s
         else:
-            done = (lengths >= end)[:, None, None, None]
+            done = (lengths >= (i + 1) * c)[:, None, None, None]
             weights = [torch.where(done, a, b) for a, b in zip(new_w, weights)]
             momentum = [torch.where(done, a, b) for a, b in zip(new_s, momentum)]
-    return torch.cat(reads, 1), weights, momentum
+    # reads, every chunk at once: x M_i = keep·(x M_0) + from_momentum·(x S_0) − Σ_j coef_ij (x · input_j) grad_j
+    stack = lambda part: [torch.stack(t, 1) for t in zip(*part)]  # noqa: E731  per layer [B, n, ...]
+    W0, S0 = stack([a[0] for a in anchors]), stack([a[1] for a in anchors])
+    inputs, grads = stack([x[0] for x in saved]), stack([x[1] for x in saved])
+    keep, from_momentum = (co[name].transpose(-1, -2)[..., None] for name in ("keep", "from_momentum"))
+    e = q
+    for layer in range(len(W0)):
+        if layer:
+            e = ACTIVATIONS[activation](e)[0]
+        y = (torch.einsum("bnchi,bnhio->bncho", e, W0[layer]) * keep
+             + torch.einsum("bnchi,bnhio->bncho", e, S0[layer]) * from_momentum)
+        scores = torch.einsum("bnihd,bnjhd->bnhij", e, inputs[layer]) * co["coef"]
+        e = y - torch.einsum("bnhij,bnjho->bniho", scores, grads[layer])
+    return e.flatten(1, 2)[:, :L], weights, momentum
 
 
-def _l2norm(x, weight, heads):
+def l2norm_heads(x, weight, heads):
     """Per-head L2 normalisation with a learned per-channel scale (ones at init)."""
     x = x.unflatten(-1, (heads, -1))
     return F.normalize(x, dim=-1) * weight.view(heads, -1).to(x.dtype)
@@ -218,7 +227,7 @@ class NeuralMemory(nn.Module):
         k = self._stream("conv_k", self.k_proj, self.k_conv, x, keep, state, new_state)
         v = self._stream("conv_v", self.v_proj, self.v_conv, x, keep, state, new_state)
         dt = torch.promote_types(x.dtype, torch.float32)
-        q, k = _l2norm(q.to(dt), self.q_norm_weight, H), _l2norm(k.to(dt), self.k_norm_weight, H)
+        q, k = l2norm_heads(q.to(dt), self.q_norm_weight, H), l2norm_heads(k.to(dt), self.k_norm_weight, H)
         v = v.to(dt).unflatten(-1, (H, -1))
         lr, log_eta, log_keep = self.gates(x)
         memory = state if state is not None else self.initial_state(B, x.device)

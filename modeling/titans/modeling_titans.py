@@ -5,6 +5,10 @@ Pre-norm residual blocks: h = x + Mixer(RMSNorm(x)) (MAL adds h = h + SWA(RMSNor
 out = h + SwiGLU(RMSNorm(h)). MAG and MAC combine attention output y and memory output m as
 RMSNorm(y) ⊙ σ(RMSNorm(m)) (the paper's ⊗: both normalised with learned vectors, then a non-linearity).
 
+Persistent memory (x̃ = P ‖ x) is learned key/value tokens in front of every attention window or MAC
+segment; for the memory branch a fixed prefix would only move its starting weights, which are
+learned already, so the memory does not see P.
+
 Packed documents (position_ids restarting at 0) run one document per row inside each block, so the
 memory starts every document from its learned weights with zero momentum and no attention or conv
 window crosses a document start. The cache holds the memory weights and momentum, the open memory
@@ -25,7 +29,7 @@ from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import RMSNorm, ShortConvolution, SwiGLU
 from .attention import SegmentAttention, WindowAttention
 from .configuration_titans import TitansConfig
-from .memory import NeuralMemory, _l2norm, mlp_read
+from .memory import NeuralMemory, l2norm_heads, mlp_read
 from .rows import realign, tail, unalign
 
 
@@ -120,7 +124,7 @@ class MemoryAsContext(nn.Module):
             seg = xs[:, start:start + C]
             valid = start + torch.arange(seg.shape[1], device=x.device) < lengths[:, None]
             u, new_conv = self.context_q_conv(self.context_q_proj(seg) * valid[..., None].to(seg.dtype), None, conv)
-            q = _l2norm(u.to(memory["weights"][0].dtype), self.context_q_norm_weight, self.num_heads)
+            q = l2norm_heads(u.to(memory["weights"][0].dtype), self.context_q_norm_weight, self.num_heads)
             h = self.memory.output(mlp_read(memory["weights"], q, self.activation), seg)
             y = self.attention(seg, h, valid)
             m, new_memory = self.memory(y, valid, memory, want_state=True, lengths=(lengths - start).clamp(0, seg.shape[1]))
