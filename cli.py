@@ -33,6 +33,10 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("demo", help="train a small recurrent LM on built-in English text, evaluate it, generate",
                    add_help=False)
+    sub.add_parser("train", help="pretrain a model from a YAML recipe with DeepSpeed (recur train RECIPE key=value ...)",
+                   add_help=False)
+    sub.add_parser("export", help="write a transformers folder from a training checkpoint (any ZeRO stage)",
+                   add_help=False)
     sub.add_parser("convert", help="convert an official checkpoint (fla, transformers, BlinkDL) to recur",
                    add_help=False)
     tokenizer = sub.add_parser("tokenizer", help="tokenizers")
@@ -51,6 +55,10 @@ def main(argv=None) -> int:
     # Each job parses its own options, so `recur demo --help` shows them.
     if args.command == "demo":
         from recur.train.demo import main as job
+    elif args.command == "train":
+        from recur.train.trainer import main as job
+    elif args.command == "export":
+        from recur.train.checkpoint import main as job
     elif args.command == "convert":
         from recur.modeling.convert import main as job
     elif args.command == "tokenizer":

@@ -1,0 +1,367 @@
+"""Training recipes: a YAML file plus `dotted.key=value` overrides, checked before anything starts.
+
+    recipe = load_recipe("recipes/pretrain/gla-tiny.yaml", ["train.max_steps=20"], world_size=2)
+
+A recipe (every key but model.type and train.max_steps has a default):
+
+    base: other.yaml            # optional: a recipe this one extends (path relative to this file)
+    run_dir: runs/gla-tiny      # resolved recipe, metrics.jsonl, checkpoints/, tensorboard/, loss.png, export/
+    seed: 0                     # model init (the same on every rank)
+    resume: null                # null: start fresh (refused if run_dir has checkpoints) | auto | a checkpoint path
+    nproc: 1                    # processes to start on this machine when no launcher (torchrun, srun, deepspeed) did
+    eval_every: 0               # validation loss every N steps (0: never; also at the last step)
+    eval_batches: 20            # validation batches per rank per evaluation (null: the whole held-out split)
+    export: true                # write a transformers folder to run_dir/export at the end
+    model:
+      type: recur_gla           # a registered model type; every other key goes to its config class
+      hidden_size: 64           # vocab_size defaults to the tokenizer's size rounded up to a multiple of 64
+    data: {...}                 # recur.data.DataConfig (sources, tokenizer, seq_len, ...)
+    train:
+      max_steps: 1000           # optimizer steps
+      global_batch: 8           # sequences per optimizer step = micro_batch x gradient accumulation x world size
+      micro_batch: 8            # sequences per forward/backward on one rank
+      lr: 3.0e-4
+      min_lr: 3.0e-5            # the schedule's floor
+      schedule: cosine          # cosine | wsd (warmup-stable-decay) | constant (after warmup)
+      warmup_steps: 100
+      decay_steps: null         # wsd: length of the final decay (null: 20% of max_steps)
+      weight_decay: 0.1         # on matrices (2-D weights) only
+      betas: [0.9, 0.95]
+      eps: 1.0e-8
+      grad_clip: 1.0            # DeepSpeed's gradient_clipping, always set (its default changed in 0.19.3)
+      zero_stage: 2             # 1, 2 or 3
+      precision: auto           # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (torch_autocast: parameters stay fp32)
+      activation_checkpointing: false   # recompute each block in backward
+      compile: false            # torch.compile the model (DeepSpeed's engine.compile)
+      log_every: 10             # a metrics.jsonl line every N steps (and at every evaluation and the last step)
+      save_every: 1000          # a checkpoint every N steps (and at the end, and on SIGTERM / SIGUSR1)
+      keep_checkpoints: 3       # keep the last K
+      max_bad_steps: 5          # stop after this many non-finite steps in a row
+      deepspeed: {}             # merged into the generated DeepSpeed config (e.g. an "optimizer" section)
+    log:
+      progress: true            # a progress bar on rank 0
+      tensorboard: true
+      wandb_project: null       # also log to Weights & Biases when set and wandb is installed
+
+Every error is a RecipeError (a ValueError) whose one-line message starts with the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from recur.data import DataConfig, DataError
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+# DeepSpeed keys the trainer sets itself from train.*: refused inside train.deepspeed.
+OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch / train.micro_batch", "gradient_clipping": "train.grad_clip",
+    "scheduler": "train.schedule (the trainer sets the learning rate every step)",
+    "bf16": "train.precision: bf16 (DeepSpeed's bf16 mode casts every parameter, the recurrent decays included, "
+            "to bf16; train.precision: bf16 uses torch_autocast and keeps parameters in float32)",
+    "fp16": "train.precision: bf16 (fp16 needs loss scaling and overflows the recurrent decays)",
+    "torch_autocast": "train.precision", "zero_optimization.stage": "train.zero_stage",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message is one line starting with the key."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0
+    global_batch: int = 8
+    micro_batch: int = 8
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    zero_stage: int = 2
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5
+    deepspeed: dict = field(default_factory=dict)
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    tensorboard: bool = True
+    wandb_project: str | None = None
+
+
+@dataclass
+class Recipe:
+    run_dir: str = ""
+    seed: int = 0
+    resume: str | None = None
+    nproc: int = 1
+    eval_every: int = 0
+    eval_batches: int | None = 20
+    export: bool = True
+    model: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = ""  # the file it came from (not a recipe key)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        return self.train.global_batch // (self.train.micro_batch * world_size)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+        out["data"], out["train"], out["log"] = (self.data.to_dict(), dataclasses.asdict(self.train),
+                                                 dataclasses.asdict(self.log))
+        out["model"] = dict(self.model)
+        return out
+
+    def write(self, path: str | Path) -> None:
+        """The resolved recipe (defaults filled in), atomically."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(f"# resolved from {self.source}\n" + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+
+def find_recipe(name: str) -> Path:
+    """A path, or the name of a recipe shipped in recipes/pretrain/ (with or without .yaml)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    from recur import RECIPES_DIR
+
+    for candidate in (RECIPES_DIR / "pretrain" / name, RECIPES_DIR / "pretrain" / f"{name}.yaml", RECIPES_DIR / name):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in (RECIPES_DIR / "pretrain").glob("*.yaml") if not p.stem.startswith("_"))
+    raise RecipeError(f"recipe {name!r}: no such file, and not a shipped recipe (shipped: {', '.join(shipped)})")
+
+
+def read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """The YAML mapping of a recipe file, with its `base:` chain merged under it."""
+    if path.resolve() in seen:
+        raise RecipeError(f"base: {path} includes itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f"base: expected a path, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if not base_path.is_file():
+        raise RecipeError(f"base: {base!r} not found (relative to {path.parent})")
+    return deep_merge(read_yaml(base_path, seen + (path.resolve(),)), raw)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "sources":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`train.max_steps=20`, `data.tokenizer=byte`, `train.betas=[0.9,0.99]`: values are YAML."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"{item!r}: an override is dotted.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        *parents, last = key.split(".")
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"{'.'.join(parents[:depth + 1])}: is {child!r}, not a section, so {key} cannot be set")
+            node = child
+        node[last] = value
+    return raw
+
+
+def load_recipe(name: str, overrides: list[str] = (), world_size: int | None = None) -> Recipe:
+    path = find_recipe(name)
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    recipe = parse(raw, world_size)
+    recipe.source = str(path) + (" with " + " ".join(overrides) if overrides else "")
+    return recipe
+
+
+def parse(raw: dict, world_size: int | None = None) -> Recipe:
+    """Check every key and type, then the combinations; world_size (if known) checks the batch split."""
+    raw = dict(raw)
+    sections = {"model": raw.pop("model", None), "data": raw.pop("data", None), "train": raw.pop("train", None),
+                "log": raw.pop("log", None)}
+    recipe = _typed(Recipe, raw, "", skip=("model", "data", "train", "log", "source"))
+    if sections["model"] is None or not isinstance(sections["model"], dict):
+        raise RecipeError("model: missing, or not a mapping (it needs at least `type: recur_gla` or another family)")
+    recipe.model = dict(sections["model"])
+    for name in ("train", "log"):
+        value = sections[name]
+        if value is not None and not isinstance(value, dict):
+            raise RecipeError(f"{name}: expected a mapping, got {value!r}")
+    recipe.train = _typed(TrainConfig, sections["train"] or {}, "train.")
+    recipe.log = _typed(LogConfig, sections["log"] or {}, "log.")
+    try:
+        recipe.data = DataConfig.from_dict(sections["data"])
+    except DataError as e:
+        raise RecipeError(str(e)) from None
+    validate(recipe, world_size)
+    return recipe
+
+
+def validate(recipe: Recipe, world_size: int | None = None) -> None:
+    t = recipe.train
+    if not recipe.run_dir:
+        raise RecipeError("run_dir: missing (the folder for metrics, checkpoints and the export)")
+    if recipe.resume is not None and recipe.resume != "auto" and not os.path.exists(os.path.expanduser(recipe.resume)):
+        raise RecipeError(f"resume: {recipe.resume!r} is not 'auto', null or an existing checkpoint path")
+    _positive(recipe, "nproc")
+    if recipe.eval_every < 0:
+        raise RecipeError(f"eval_every: must be >= 0, got {recipe.eval_every}")
+    if recipe.eval_batches is not None and recipe.eval_batches < 1:
+        raise RecipeError(f"eval_batches: must be >= 1 or null, got {recipe.eval_batches}")
+    if recipe.eval_every and recipe.data.validation_fraction <= 0:
+        raise RecipeError("eval_every: needs a validation split, but data.validation_fraction is 0")
+    validate_model(recipe.model)
+    if t.max_steps < 1:
+        raise RecipeError(f"train.max_steps: must be at least 1, got {t.max_steps}")
+    for key in ("global_batch", "micro_batch", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
+        _positive(t, key, "train.")
+    if t.global_batch % t.micro_batch:
+        raise RecipeError(f"train.global_batch: {t.global_batch} is not a multiple of train.micro_batch {t.micro_batch}")
+    if world_size is not None and t.global_batch % (t.micro_batch * world_size):
+        raise RecipeError(f"train.global_batch: {t.global_batch} is not divisible by world size {world_size} x "
+                          f"train.micro_batch {t.micro_batch}")
+    for key in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+        if getattr(t, key) < 0:
+            raise RecipeError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if t.min_lr > t.lr:
+        raise RecipeError(f"train.min_lr: {t.min_lr} is above train.lr {t.lr}")
+    if t.schedule not in SCHEDULES:
+        raise RecipeError(f"train.schedule: {t.schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if not 0 <= t.warmup_steps <= t.max_steps:
+        raise RecipeError(f"train.warmup_steps: must be between 0 and train.max_steps ({t.max_steps}), got {t.warmup_steps}")
+    if t.decay_steps is not None:
+        if t.schedule != "wsd":
+            raise RecipeError(f"train.decay_steps: only the wsd schedule has a decay phase (train.schedule is {t.schedule})")
+        if not 0 < t.decay_steps <= t.max_steps - t.warmup_steps:
+            raise RecipeError(f"train.decay_steps: must be between 1 and max_steps - warmup_steps "
+                              f"({t.max_steps - t.warmup_steps}), got {t.decay_steps}")
+    if (not isinstance(t.betas, list) or len(t.betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in t.betas)):
+        raise RecipeError(f"train.betas: expected two numbers in [0, 1), got {t.betas!r}")
+    if t.zero_stage not in (1, 2, 3):
+        raise RecipeError(f"train.zero_stage: must be 1, 2 or 3, got {t.zero_stage}")
+    if t.precision not in PRECISIONS:
+        raise RecipeError(f"train.precision: {t.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for key, use in OWNED_DEEPSPEED_KEYS.items():
+        head, _, tail = key.partition(".")
+        section = t.deepspeed.get(head)
+        if (head in t.deepspeed and not tail) or (tail and isinstance(section, dict) and tail in section):
+            raise RecipeError(f"train.deepspeed.{key}: set by the trainer; use {use}")
+
+
+def validate_model(model: dict) -> None:
+    """model.type must be a recur family; other keys must be arguments of its config class, of the right type."""
+    from transformers import CONFIG_MAPPING
+
+    import recur  # noqa: F401  registers the families
+
+    kind = model.get("type")
+    families = sorted(k for k in CONFIG_MAPPING.keys() if k.startswith("recur_"))
+    if kind not in families:  # the trainer relies on recur's document-aware loss and position_ids
+        raise RecipeError(f"model.type: {kind!r} is not a recur model family ({', '.join(families)})")
+    config_class = CONFIG_MAPPING[kind]
+    signature = inspect.signature(config_class.__init__).parameters
+    known = {n for n, p in signature.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    known |= set(getattr(config_class, "attribute_map", {}))
+    for key, value in model.items():
+        if key == "type":
+            continue
+        if key not in known:
+            raise RecipeError(f"model.{key}: unknown key for {kind} (known: {', '.join(sorted(known))})")
+        default = signature[key].default if key in signature else None
+        if not _same_kind(default, value):
+            raise RecipeError(f"model.{key}: expected {type(default).__name__} like the default {default!r}, got {value!r}")
+
+
+def _same_kind(default, value) -> bool:
+    if default is None or default is inspect.Parameter.empty or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+def _positive(obj, key: str, prefix: str = "") -> None:
+    if getattr(obj, key) < 1:
+        raise RecipeError(f"{prefix}{key}: must be at least 1, got {getattr(obj, key)}")
+
+
+def _typed(cls, raw: dict, prefix: str, skip: tuple = ()):
+    """The dataclass from a mapping: unknown keys and wrong types are refused, naming the key.
+
+    A float may be written as an int, or as a string like "3e-4" (YAML 1.1 reads 3e-4 without a
+    dot as a string)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise RecipeError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
+        want = fields[key].type if isinstance(fields[key].type, str) else fields[key].type.__name__
+        nullable = want.endswith("| None")
+        base = want.replace("| None", "").strip()
+        if value is None and nullable:
+            values[key] = None
+            continue
+        if base == "float" and isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "dict": isinstance(value, dict), "list": isinstance(value, list)}.get(base, True)
+        if not ok:
+            raise RecipeError(f"{prefix}{key}: expected {want}, got {value!r}")
+        values[key] = float(value) if base == "float" else value
+    return cls(**values)
