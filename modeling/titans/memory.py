@@ -159,7 +159,7 @@ class NeuralMemory(nn.Module):
         super().__init__()
         D, H, K = config.hidden_size, config.num_heads, config.head_dim
         self.num_heads, self.head_dim, self.chunk_size = H, K, config.memory_chunk_size
-        self.activation, self.max_lr, self.use_momentum = config.memory_activation, config.memory_max_lr, config.use_momentum
+        self.activation, self.max_lr = config.memory_activation, config.memory_max_lr
         hidden = int(K * config.memory_expansion)
         dims = [K] + [hidden] * (config.memory_depth - 1) + [K]
         # the memory's weights at a document start: learned, one MLP per head (x @ W layout)
