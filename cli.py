@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("demo", help="train a small recurrent LM on built-in English text, evaluate it, generate",
                    add_help=False)
+    sub.add_parser("quickstart", help="pretrain a ~9M recurrent LM on CPU with 2 processes (~5 min), export, "
+                   "held-out perplexity, a sample", add_help=False)
     sub.add_parser("train", help="pretrain a model from a YAML recipe with DeepSpeed (recur train RECIPE key=value ...)",
                    add_help=False)
     sub.add_parser("export", help="write a transformers folder from a training checkpoint (any ZeRO stage)",
@@ -55,6 +57,8 @@ def main(argv=None) -> int:
     # Each job parses its own options, so `recur demo --help` shows them.
     if args.command == "demo":
         from recur.train.demo import main as job
+    elif args.command == "quickstart":
+        from recur.train.quickstart import main as job
     elif args.command == "train":
         from recur.train.trainer import main as job
     elif args.command == "export":

@@ -55,8 +55,11 @@ def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
 def test_command_line_lists_its_jobs():
     r = subprocess.run([sys.executable, "-m", "recur.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "recur.cli", "train"], capture_output=True, text=True)
+    assert "train" in r.stdout and "export" in r.stdout and "quickstart" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "recur.cli", "no-such-job"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "recur.cli", "train"], capture_output=True, text=True)
+    assert r.returncode == 2 and "required: recipe" in r.stderr
 
 
 def test_demo_job_trains_evaluates_and_decodes(tmp_path):

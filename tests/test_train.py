@@ -403,3 +403,21 @@ def test_bf16_autocast_keeps_recurrent_parameters_float32():
     assert "recur_griffin torch.bfloat16 ['recurrent_param']" in out
     assert "recur_hgrn2 torch.bfloat16 ['lower_bounds']" in out
     assert "refused: recurrent parameters must stay float32" in out and "A_log" in out
+
+
+@pytest.mark.parametrize("family", ["gla", "hgrn2", "mamba2", "rwkv6", "griffin"])
+def test_every_family_trains_from_its_tiny_recipe(family, tmp_path):
+    """3 steps of each tiny recipe with ZeRO-1, activation checkpointing and the final export."""
+    run = tmp_path / family
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "recur.cli", "train", f"{family}-tiny", f"run_dir={run}",
+                             "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1", "train.zero_stage=1",
+                             "train.activation_checkpointing=true", "data.seq_len=64", "eval_every=3",
+                             "eval_batches=1", "log.progress=false"], capture_output=True, text=True, env=environ)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    records = metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+    assert math.isfinite(records[-1]["val_loss"]) and (run / "loss.png").exists()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(run / "export")
+    assert model.config.model_type == f"recur_{family}"

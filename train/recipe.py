@@ -10,7 +10,7 @@ A recipe (every key but model.type and train.max_steps has a default):
     resume: null                # null: start fresh (refused if run_dir has checkpoints) | auto | a checkpoint path
     nproc: 1                    # processes to start on this machine when no launcher (torchrun, srun, deepspeed) did
     eval_every: 0               # validation loss every N steps (0: never; also at the last step)
-    eval_batches: 20            # validation batches per rank per evaluation (null: the whole held-out split)
+    eval_batches: 20            # validation batches per rank, read once and kept (null: the whole held-out split)
     export: true                # write a transformers folder to run_dir/export at the end
     model:
       type: recur_gla           # a registered model type; every other key goes to its config class

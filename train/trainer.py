@@ -21,6 +21,7 @@ engine runs in float32 with gloo; on GPU in bf16 (torch_autocast) with nccl.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -171,7 +172,8 @@ class Metrics:
             try:
                 import wandb
                 self.wandb = wandb.init(project=recipe.log.wandb_project, name=run_dir.name, dir=str(run_dir),
-                                        id=f"recur-{abs(hash(str(run_dir.resolve()))):x}", resume="allow",
+                                        id="recur-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12],
+                                        resume="allow",
                                         config=recipe.to_dict())
             except ImportError:
                 warnings.warn("log.wandb_project is set but wandb is not installed; skipping wandb")
@@ -180,8 +182,13 @@ class Metrics:
         """On resume: drop lines a killed run wrote after its last checkpoint (they are computed again)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError):  # a line cut short by a kill
+                continue
         checkpoint.write_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
@@ -260,29 +267,35 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def evaluate(engine, recipe: Recipe, tokenizer, env: DistEnv, device) -> tuple[float, int]:
-    """Token-mean loss on the held-out split: up to eval_batches batches per rank, all ranks in step."""
+def validation_batches(recipe: Recipe, tokenizer, env: DistEnv, device) -> list[dict]:
+    """This rank's held-out batches, read once and kept (the same set at every evaluation): up to
+    eval_batches, as many on every rank (a streamed source's held-out documents are few and far between)."""
     import torch.distributed as dist
 
     from recur.data import build_loader
 
     loader = build_loader(recipe.data, tokenizer, recipe.train.micro_batch, env.rank, env.world_size,
                           split="validation", num_workers=0)
+    batches, source = [], iter(loader)
+    while recipe.eval_batches is None or len(batches) < recipe.eval_batches:
+        batch = next(source, None)
+        if _all_reduce([batch is None], device, dist.ReduceOp.MAX)[0]:  # stop when any rank runs out
+            break
+        batches.append(batch)
+    return batches
+
+
+def evaluate(engine, batches: list[dict], device) -> tuple[float, int]:
+    """Token-mean loss over every rank's validation batches."""
     total = count = 0.0
     engine.eval()
-    batches = iter(loader)
-    index = 0
     with torch.no_grad():
-        while recipe.eval_batches is None or index < recipe.eval_batches:
-            batch = next(batches, None)
-            if _all_reduce([batch is None], device, dist.ReduceOp.MAX)[0]:  # stop when any rank runs out
-                break
+        for batch in batches:
             batch, n = _to(batch, device), scored_tokens(batch)
             out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
                          use_cache=False)
             if n:
                 total, count = total + out.loss.float().item() * n, count + n
-            index += 1
     engine.train()
     total, count = _all_reduce([total, count], device)
     return (total / count if count else math.nan), int(count)
@@ -304,6 +317,8 @@ def run(recipe: Recipe, env: DistEnv) -> int:
     from . import flops, schedule
 
     env.export()
+    # DeepSpeed 0.19.8 calls a torch.distributed function that torch 2.13 deprecates, at every save
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     device = env.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -364,6 +379,7 @@ def run(recipe: Recipe, env: DistEnv) -> int:
     data = iter(loader)
     nan_steps = _nan_steps()
     bad = 0
+    held_out = None  # validation batches, read at the first evaluation
     last_saved = step if resume is not None else None
     window_tokens, window_time = 0, 0.0
     stopped_by = None
@@ -436,7 +452,9 @@ def run(recipe: Recipe, env: DistEnv) -> int:
             if not applied:
                 record["skipped"] = True
             if evaluate_now:
-                record["val_loss"], _ = evaluate(engine, recipe, tokenizer, env, device)
+                if held_out is None:
+                    held_out = validation_batches(recipe, tokenizer, env, device)
+                record["val_loss"], _ = evaluate(engine, held_out, device)
                 record["val_ppl"] = math.exp(min(record["val_loss"], 700))
             metrics.log(record)
             window_tokens, window_time = 0, 0.0
