@@ -222,8 +222,9 @@ class PackedDataset(IterableDataset):
         self.config, self.tokenizer, self.split = config, tokenizer, split
         self.rank, self.world_size, self.prepared = rank, world_size, prepared
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        for source in config.sources:  # fail here, in the main process, not inside a worker
-            source_files(source) if prepared is None else None
+        if prepared is None:  # a missing source fails here, in the main process, not inside a worker
+            for source in config.sources:
+                source_files(source)
 
     def fingerprint(self, slot: int, slots: int) -> dict:
         sources = [(s.path, s.format, s.weight, s.text_field) for s in self.config.sources]

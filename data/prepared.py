@@ -14,14 +14,13 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
 from .config import DataConfig, DataError
-from .pipeline import _TOKENIZE_GROUP, encode
+from ..files import atomic_folder
+from .pipeline import encode
 from .sources import Problems, read_documents, source_files
 
 MANIFEST = "manifest.json"
@@ -43,11 +42,8 @@ def prepare(config: DataConfig, tokenizer, out: str) -> dict:
         raise DataError(f"output folder {out!r} exists and is not empty")
     dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
     problems = Problems(config.strict)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".prepared-", dir=parent)
     files, total = [], 0
-    try:
+    with atomic_folder(out) as tmp:
         for i, source in enumerate(config.sources):
             paths = source_files(source)
             files.append(paths)
@@ -70,11 +66,6 @@ def prepare(config: DataConfig, tokenizer, out: str) -> dict:
                     "tokens": total}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import shutil
 import tempfile
 from typing import Iterable
 
+from ..files import atomic_folder
 from .config import DataError, SourceConfig
 from .sources import Problems, read_documents, source_files
 
@@ -84,16 +84,8 @@ def train_tokenizer(sources: list[SourceConfig], vocab_size: int, kind: str, out
         raise DataError(f"--vocab-size {vocab_size} is too small: the 256 bytes and 3 special tokens need 259")
     texts = iter_texts(sources, max_chars=max_chars)
     tokenizer = _train_bpe(texts, vocab_size) if kind == "bpe" else _train_unigram(texts, vocab_size)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    try:
+    with atomic_folder(out) as tmp:
         tokenizer.save_pretrained(tmp)
-        if os.path.exists(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train_bpe(texts, vocab_size):

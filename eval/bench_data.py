@@ -28,7 +28,7 @@ def loader_tokens_per_s(config: DataConfig, tokenizer, batch_size: int, batches:
     """Tokens/s over `batches` batches from a fresh loader, and how the rows are packed."""
     loader = build_loader(config, tokenizer, batch_size, num_workers=workers)
     start, tokens, pad, starts, rows, continued = time.perf_counter(), 0, 0, 0, 0, 0
-    for i, batch in zip(tqdm(range(batches), desc=f"loader, {workers} worker(s)", unit="batch", leave=False), loader):
+    for _, batch in zip(tqdm(range(batches), desc=f"loader, {workers} worker(s)", unit="batch", leave=False), loader):
         tokens += batch["input_ids"].numel()
         pad += (batch["labels"] == -100).sum().item()
         starts += (batch["position_ids"] == 0).sum().item()

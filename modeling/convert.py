@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_folder
 
 # model_type in the source config.json -> (recur family module, converter function)
 LAYOUTS = {
@@ -82,19 +83,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     config, state = converter(*args)
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(state, strict=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_folder(dst) as tmp:
         model.save_pretrained(tmp)
         for name in TOKENIZER_FILES if src.is_dir() else ():
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config.model_type
 
 

@@ -30,10 +30,11 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_folder
 
 TAG = "step_{:08d}"
 STATE_FILE = "trainer_state.json"
@@ -235,19 +236,12 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         generation.save_pretrained(tmp)
         (tmp / "recur_checkpoint.json").write_text(json.dumps({"checkpoint": str(folder.resolve()),
                                                                **read_state(root, tag)}, indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
