@@ -12,6 +12,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import RecurrentCache
 from .layers import GatedRMSNorm, RMSNorm
 
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`
+# (the old name is deprecated until 6.0); recur accepts both and fills whichever field this version has.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_output(output_class, cache, **fields):
+    """output_class(..., cache=cache) under this transformers' name for the field."""
+    return output_class(**fields, **{CACHE_FIELD: cache})
+
 
 class RecurrentPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
@@ -112,11 +121,13 @@ class RecurrentModel(RecurrentPreTrainedModel):
         return self.norm(x)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache is None:  # as transformers does: a cache for inference, none for training
             use_cache = self.config.use_cache and not self.training
-        cache = past_key_values if past_key_values is not None or not use_cache else RecurrentCache(len(self.layers))
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = RecurrentCache(len(self.layers))
         past = cache.get_seq_length() if cache is not None else 0
         position_ids, pad, cu_seqlens = sequence_layout(x.shape[:2], attention_mask, position_ids, past)
         if cache is not None and cu_seqlens is not None:
@@ -130,7 +141,7 @@ class RecurrentModel(RecurrentPreTrainedModel):
         x = self.final_norm(x).reshape(shape)
         if cache is not None:
             cache.advance(shape[1])
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=cache)
+        return cache_output(BaseModelOutputWithPast, cache, last_hidden_state=x)
 
 
 class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
@@ -149,9 +160,15 @@ class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
         return self.model.embeddings
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         cache=cache)
         hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = self.logits(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return cache_output(CausalLMOutputWithPast, getattr(out, CACHE_FIELD),
+                            loss=loss, logits=logits)
+
+    def logits(self, hidden):
+        """The LM head (a family may post-process, e.g. Griffin's soft-cap)."""
+        return self.lm_head(hidden)

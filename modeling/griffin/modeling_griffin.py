@@ -16,10 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ...kernels import rg_lru, sliding_window_attention
-from ..base import Layout, RecurrentForCausalLM, RecurrentModel, causal_lm_loss
+from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import RMSNorm, ShortConvolution
 from .configuration_griffin import GriffinConfig
 
@@ -189,13 +188,14 @@ class GriffinModel(RecurrentModel):
             nn.init.zeros_(module.conv.bias)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
         if self.config.embeddings_scale_by_sqrt_dim:  # RecurrentGemma rounds sqrt(D) to bf16
             normalizer = torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.bfloat16)
             inputs_embeds = inputs_embeds * normalizer.to(inputs_embeds.dtype)
-        return super().forward(None, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        return super().forward(None, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                               cache=cache)
 
 
 class GriffinForCausalLM(RecurrentForCausalLM):
@@ -203,13 +203,7 @@ class GriffinForCausalLM(RecurrentForCausalLM):
     base_model_class = GriffinModel
     _no_split_modules = ["GriffinBlock"]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
-        hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
+    def logits(self, hidden):
         logits = self.lm_head(hidden)
         cap = self.config.logits_soft_cap
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return torch.tanh(logits / cap) * cap if cap else logits
