@@ -31,9 +31,7 @@ def main(argv=None) -> int:
     keep_freed_memory()
     parser = argparse.ArgumentParser(prog="recur", description="Pretrain recurrent language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("demo", help="train a small recurrent LM on built-in English text, evaluate it, generate",
-                   add_help=False)
-    sub.add_parser("quickstart", help="pretrain a ~9M recurrent LM on CPU with 2 processes (~5 min), export, "
+    sub.add_parser("quickstart", help="pretrain a 5.5M-parameter recurrent LM on CPU with 2 processes (~5 min), export, "
                    "held-out perplexity, a sample", add_help=False)
     sub.add_parser("train", help="pretrain a model from a YAML recipe with DeepSpeed (recur train RECIPE key=value ...)",
                    add_help=False)
@@ -54,10 +52,8 @@ def main(argv=None) -> int:
     bench_sub.add_parser("data", help="data-loader tokens/s vs the tokens/s a training step consumes",
                          add_help=False)
     args, rest = parser.parse_known_args(argv)
-    # Each job parses its own options, so `recur demo --help` shows them.
-    if args.command == "demo":
-        from recur.train.demo import main as job
-    elif args.command == "quickstart":
+    # Each job parses its own options, so `recur quickstart --help` shows them.
+    if args.command == "quickstart":
         from recur.train.quickstart import main as job
     elif args.command == "train":
         from recur.train.trainer import main as job

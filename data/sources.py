@@ -197,11 +197,11 @@ def _parquet(path, source, problems, start):
 
 
 def _builtin(path, source, problems, start):
-    yield from _python_docs()
+    yield from python_docs()
 
 
 @functools.lru_cache(maxsize=1)
-def _python_docs() -> tuple[str, ...]:
+def python_docs() -> tuple[str, ...]:
     """builtin:python-docs: English that ships with CPython, about 1.7 MB: the reference manual's
     topics (`pydoc_data`), then for each standard-library module its docstrings as one document
     (read as text, not imported)."""

@@ -4,8 +4,9 @@
 
 The loader packs the 20 MB Wikipedia sample (../shared/data/pretrain/enwiki-2015, WikiExtractor
 format) when it is there, else builtin:python-docs. Its tokens/s is measured from the first batch
-on (worker start-up and tokenization included); the training step is the README demo model's
-forward + backward + AdamW step on batches of the same shape, timed in this process. The loader
+on (worker start-up and tokenization included); the training step is that of the README's main job
+(`recur quickstart`: the quickstart recipe's model, built for this tokenizer), forward + backward +
+AdamW on batches of the same shape, timed in this process, one process. The loader
 must deliver at least 10x what training consumes, so data never stalls a step.
 """
 from __future__ import annotations
@@ -52,8 +53,11 @@ def train_tokens_per_s(model, vocab: int, batch_size: int, seq_len: int, steps: 
 
 
 def main(argv=None) -> int:
+    from transformers import AutoModelForCausalLM
+
     from recur.cli import keep_freed_memory
-    from recur.train.demo import demo_model
+    from recur.train.recipe import load_recipe
+    from recur.train.trainer import model_config
 
     parser = argparse.ArgumentParser(prog="recur bench data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=str(SHARED_WIKI) if SHARED_WIKI.exists() else "builtin:python-docs")
@@ -81,12 +85,12 @@ def main(argv=None) -> int:
         for workers in args.workers:
             rows.append((workers, loader_tokens_per_s(config, tokenizer, args.batch_size, args.batches, workers)))
 
-    model = demo_model()
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    recipe = load_recipe("quickstart")
+    model = AutoModelForCausalLM.from_config(model_config(recipe, tokenizer)).train()
     torch.set_flush_denormal(True)
     n_params = sum(p.numel() for p in model.parameters())
     train = train_tokens_per_s(model, len(tokenizer), args.batch_size, args.seq_len, args.train_steps)
-    print(f"training step of the README demo model ({n_params / 1e6:.2f}M parameters, CPU, {torch.get_num_threads()} "
+    print(f"training step of the README's quickstart model ({n_params / 1e6:.2f}M parameters, CPU, {torch.get_num_threads()} "
           f"threads): {train:,.0f} tokens/s\n")
     print("| loader workers | tokens/s | loader / training step | packing efficiency (non-pad) | documents per row "
           "| rows opening mid-document |\n|---|---|---|---|---|---|")

@@ -156,9 +156,9 @@ def test_torch_compile_of_the_forward(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_layer_model_learns_real_text(family):
     """50 AdamW steps on English text that ships with Python (the reference manual): the loss falls."""
-    from recur.train.demo import load_corpus
+    from recur.data.sources import python_docs
 
-    text, _ = load_corpus()
+    text = "\n\n".join(python_docs()).encode()
     data = torch.frombuffer(bytearray(text[:200_000]), dtype=torch.uint8).long()
     model = tiny_model(family, vocab_size=256, num_hidden_layers=2).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

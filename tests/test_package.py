@@ -1,4 +1,5 @@
-"""The package itself: imports without a GPU, the command line, the installed files, the demo job."""
+"""The package itself: imports without a GPU, the command line, the installed files, the README's main job."""
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("recur-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for sub in ["kernels", "modeling", "train", "data", "eval"] + [f"modeling/{f}" for f in ("gla", "hgrn2", "mamba2", "rwkv6", "griffin")]:
+    for sub in ["kernels", "modeling", "train", "data", "eval"] + [f"modeling/{f}" for f in ("gla", "hgrn2", "mamba2", "rwkv6", "griffin", "titans")]:
         assert f"recur/{sub}/__init__.py" in names
     assert "recur/kernels/chunk.py" in names and "recur/cli.py" in names
     assert any(n.startswith("recur/recipes/") for n in names)
@@ -54,7 +55,7 @@ def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
 
 def test_command_line_lists_its_jobs():
     r = subprocess.run([sys.executable, "-m", "recur.cli", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "demo" in r.stdout and "bench" in r.stdout
+    assert r.returncode == 0 and "quickstart" in r.stdout and "bench" in r.stdout
     assert "train" in r.stdout and "export" in r.stdout and "quickstart" in r.stdout
     r = subprocess.run([sys.executable, "-m", "recur.cli", "no-such-job"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
@@ -62,13 +63,28 @@ def test_command_line_lists_its_jobs():
     assert r.returncode == 2 and "required: recipe" in r.stderr
 
 
-def test_demo_job_trains_evaluates_and_decodes(tmp_path):
-    """The README's main job, shortened: held-out loss falls and the cached decode matches."""
-    r = subprocess.run([sys.executable, "-m", "recur.cli", "demo", "--steps", "30", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "equals the full forward: yes" in r.stdout
-    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 30
+def test_quickstart_runs_end_to_end(tmp_path):
+    """The README's main job, shortened (a smaller model, 12 steps): tokenizer, 2-process ZeRO-2 training,
+    export, held-out perplexity against the unigram model, a sample, the summary table; run again, it
+    evaluates the finished run without training."""
+    run = tmp_path / "quickstart"
+    command = [sys.executable, "-m", "recur.cli", "quickstart", "--run-dir", str(run), "--min-ratio", "0",
+               "model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=128",
+               "train.max_steps=12", "train.warmup_steps=2", "train.log_every=2", "train.save_every=6",
+               "eval_every=6", "eval_batches=2", "data.seq_len=64", "log.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for line in ("| model | recur_gla, 2 layers of width 64", "| training | 2 processes, DeepSpeed ZeRO-2",
+                 "| held-out perplexity |", "| unigram baseline |", "sample (prompt 'The'"):
+        assert line in r.stdout, line
+    assert (run / "loss.png").exists() and (run / "export" / "model.safetensors").exists()
+    assert (run / "tokenizer" / "tokenizer.json").exists() and list((run / "tensorboard").glob("events.*"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12] and records[-1]["loss"] < records[0]["loss"]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0 and "already trained" in again.stdout, again.stderr[-3000:]
+    assert again.stdout.count("| held-out perplexity |") == 1
 
 
 def test_kernel_benchmark_prints_a_table():

@@ -34,6 +34,24 @@ def test_every_shipped_recipe_validates(path):
     assert recipe.model["type"].startswith("recur_") and recipe.train.max_steps > 0
 
 
+SIZES = {"340m": (0.3e9, 0.45e9), "760m": (0.65e9, 0.9e9), "1.3b": (1.1e9, 1.6e9), "7b": (6e9, 8e9)}
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem.rsplit("-", 1)[-1] in SIZES], ids=lambda p: p.stem)
+def test_gpu_recipes_build_a_model_of_the_size_in_their_name(path):
+    """On the meta device (no memory), with the vocabulary of the tokenizer the recipe names."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    recipe = load_recipe(str(path))
+    settings = {k: v for k, v in recipe.model.items() if k != "type"}
+    settings.setdefault("vocab_size", 50288 if "neox" in recipe.data.tokenizer else 32000)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(recipe.model["type"], **settings))
+    low, high = SIZES[path.stem.rsplit("-", 1)[-1]]
+    assert low <= sum(p.numel() for p in model.parameters()) <= high
+    assert recipe.train.global_batch % recipe.train.micro_batch == 0
+
+
 @pytest.mark.parametrize("change, key", [
     ({"trian": {}}, "trian"),
     ({"train": {"max_step": 3}}, "train.max_step"),
@@ -405,19 +423,27 @@ def test_bf16_autocast_keeps_recurrent_parameters_float32():
     assert "refused: recurrent parameters must stay float32" in out and "A_log" in out
 
 
-@pytest.mark.parametrize("family", ["gla", "hgrn2", "mamba2", "rwkv6", "griffin"])
-def test_every_family_trains_from_its_tiny_recipe(family, tmp_path):
+@pytest.mark.parametrize("recipe, extra, model_type", [
+    ("gla-tiny", [], "recur_gla"), ("hgrn2-tiny", [], "recur_hgrn2"), ("mamba2-tiny", [], "recur_mamba2"),
+    ("rwkv6-tiny", [], "recur_rwkv6"), ("griffin-tiny", [], "recur_griffin"), ("hawk-tiny", [], "recur_griffin"),
+    ("titans-tiny", [], "recur_titans"), ("titans-tiny", ["model.variant=mal"], "recur_titans"),
+], ids=lambda v: "-".join(v) if isinstance(v, list) else v)
+def test_every_family_trains_from_its_tiny_recipe(recipe, extra, model_type, tmp_path):
     """3 steps of each tiny recipe with ZeRO-1, activation checkpointing and the final export."""
-    run = tmp_path / family
+    run = tmp_path / "run"
     environ = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "recur.cli", "train", f"{family}-tiny", f"run_dir={run}",
+    result = subprocess.run([sys.executable, "-m", "recur.cli", "train", recipe, f"run_dir={run}",
                              "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1", "train.zero_stage=1",
                              "train.activation_checkpointing=true", "data.seq_len=64", "eval_every=3",
-                             "eval_batches=1", "log.progress=false"], capture_output=True, text=True, env=environ)
+                             "eval_batches=1", "log.progress=false", *extra], capture_output=True, text=True,
+                            env=environ)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     records = metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
     assert math.isfinite(records[-1]["val_loss"]) and (run / "loss.png").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(run / "export")
-    assert model.config.model_type == f"recur_{family}"
+    assert model.config.model_type == model_type
+    if extra:
+        assert model.config.variant == "mal"
