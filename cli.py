@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     keep_freed_memory()
     parser = argparse.ArgumentParser(prog="recur", description="Pretrain recurrent language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    sub.add_parser("quickstart", help="pretrain a 5.5M-parameter recurrent LM on CPU with 2 processes (~5 min), export, "
-                   "held-out perplexity, a sample", add_help=False)
+    sub.add_parser("quickstart", help="pretrain a 5.5M-parameter recurrent LM on CPU with 2 processes (~5 min), "
+                   "export, held-out perplexity, a sample", add_help=False)
     sub.add_parser("train", help="pretrain a model from a YAML recipe with DeepSpeed (recur train RECIPE key=value ...)",
                    add_help=False)
     sub.add_parser("export", help="write a transformers folder from a training checkpoint (any ZeRO stage)",

@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     torch.set_flush_denormal(True)
     n_params = sum(p.numel() for p in model.parameters())
     train = train_tokens_per_s(model, len(tokenizer), args.batch_size, args.seq_len, args.train_steps)
-    print(f"training step of the README's quickstart model ({n_params / 1e6:.2f}M parameters, CPU, {torch.get_num_threads()} "
-          f"threads): {train:,.0f} tokens/s\n")
+    print(f"training step of the README's quickstart model ({n_params / 1e6:.2f}M parameters, CPU, "
+          f"{torch.get_num_threads()} threads): {train:,.0f} tokens/s\n")
     print("| loader workers | tokens/s | loader / training step | packing efficiency (non-pad) | documents per row "
           "| rows opening mid-document |\n|---|---|---|---|---|---|")
     for workers, r in rows:
