@@ -10,26 +10,30 @@
 
 Each returns (output, final_state) and takes impl="auto"|"naive"|"chunk"|"triton",
 initial_state, output_final_state and cu_seqlens. The `*_step` functions advance a state by one
-token for decoding.
+token for decoding (per-step tensors [B, H, ...]; impl="auto"|"naive"|"triton": fla's fused
+recurrent kernels on CUDA, the PyTorch step elsewhere). `pack_to_padded` / `padded_to_pack`
+convert a packed batch (cu_seqlens) to padded rows and back.
 """
-from .naive import delta_rule_step as gated_delta_rule_step
-from .naive import diagonal_step as diagonal_recurrence_step
-from .naive import gla_step as gated_linear_attention_step
-from .naive import rwkv6_step
-from .naive import scalar_decay_step as scalar_decay_attention_step
-from .naive import window_step as sliding_window_attention_step
+from ._common import pack_to_padded, padded_to_pack
 from .ops import (
     diagonal_recurrence,
+    diagonal_recurrence_step,
     gated_delta_rule,
+    gated_delta_rule_step,
     gated_linear_attention,
+    gated_linear_attention_step,
     rg_lru,
     rwkv6,
+    rwkv6_step,
     scalar_decay_attention,
+    scalar_decay_attention_step,
     sliding_window_attention,
+    sliding_window_attention_step,
 )
 
 __all__ = [
     "gated_linear_attention", "scalar_decay_attention", "rwkv6", "gated_delta_rule", "diagonal_recurrence", "rg_lru",
     "sliding_window_attention", "gated_linear_attention_step", "scalar_decay_attention_step", "rwkv6_step",
-    "gated_delta_rule_step", "diagonal_recurrence_step", "sliding_window_attention_step",
+    "gated_delta_rule_step", "diagonal_recurrence_step", "sliding_window_attention_step", "pack_to_padded",
+    "padded_to_pack",
 ]

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "naive", "chunk", "triton")
+STEP_IMPLS = ("auto", "naive", "triton")
+_NOTICES: set[str] = set()
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -42,6 +45,26 @@ def resolve_impl(impl: str, x: torch.Tensor, needs_fla: bool = True) -> str:
     if impl == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for our own Triton kernels)")
     return impl
+
+
+def resolve_step_impl(impl: str, x: torch.Tensor, needs_fla: bool = True) -> str:
+    """For the `*_step` functions: `auto` is fla's fused recurrent kernel (at T = 1) for CUDA tensors,
+    the PyTorch step elsewhere. There is no chunk form of one step."""
+    if impl not in STEP_IMPLS:
+        raise ValueError(f"impl must be one of {STEP_IMPLS} for a single step, got {impl!r}")
+    if impl == "auto":
+        return "triton" if x.is_cuda and (not needs_fla or fla_available()) else "naive"
+    if impl == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+    return impl
+
+
+def fallback_notice(key: str, message: str) -> None:
+    """Warns the first time (per process) that a path could not serve a call and another one did,
+    rather than switching silently; later calls stay quiet (decoding would repeat it every token)."""
+    if key not in _NOTICES:
+        _NOTICES.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:

@@ -72,19 +72,19 @@ NAMES = ["gated_linear_attention", "scalar_decay_attention", "rwkv6", "gated_del
          "sliding_window_attention"]
 
 
-def step(case: Case, inputs_t: dict, state):
+def step(case: Case, inputs_t: dict, state, impl="auto"):
     """One decode step of `case` with the public *_step functions; inputs_t have no time dimension."""
     x = list(inputs_t.values())
     if case.name == "gated_linear_attention":
-        return kernels.gated_linear_attention_step(*x, state, x[0].shape[-1] ** -0.5)
+        return kernels.gated_linear_attention_step(*x, state, x[0].shape[-1] ** -0.5, impl=impl)
     if case.name == "scalar_decay_attention":
-        return kernels.scalar_decay_attention_step(*x, state, x[0].shape[-1] ** -0.5)
+        return kernels.scalar_decay_attention_step(*x, state, x[0].shape[-1] ** -0.5, impl=impl)
     if case.name == "rwkv6":
-        return kernels.rwkv6_step(*x, case.kwargs["bonus"], state)
+        return kernels.rwkv6_step(*x, case.kwargs["bonus"], state, impl=impl)
     if case.name == "gated_delta_rule":
-        return kernels.gated_delta_rule_step(*x, state, x[0].shape[-1] ** -0.5)
+        return kernels.gated_delta_rule_step(*x, state, x[0].shape[-1] ** -0.5, impl=impl)
     if case.name == "diagonal_recurrence":
-        return kernels.diagonal_recurrence_step(*x, state)
+        return kernels.diagonal_recurrence_step(*x, state, impl=impl)
     if case.name == "sliding_window_attention":
-        return kernels.sliding_window_attention_step(*x, state, x[0].shape[-1] ** -0.5)
+        return kernels.sliding_window_attention_step(*x, state, x[0].shape[-1] ** -0.5, impl=impl)
     raise KeyError(case.name)

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 from .chunk import delta_rule_chunk, diagonal_chunk, gla_chunk, rwkv6_chunk, scalar_decay_chunk, window_chunk
 from .naive import delta_rule_naive, diagonal_naive, gla_naive, rwkv6_naive, scalar_decay_naive, window_naive
-from ._common import check_shape, check_varlen, compute_dtype, pack_to_padded, resolve_impl, run_varlen
+from .naive import delta_rule_step, diagonal_step, gla_step, scalar_decay_step, window_step
+from .naive import rwkv6_step as rwkv6_torch_step
+from ._common import (check_shape, check_varlen, compute_dtype, fallback_notice, pack_to_padded, resolve_impl,
+                      resolve_step_impl, run_varlen)
 
 
 def _run(impl, naive_fn, chunk_fn, chunk_size, inputs, state, cu_seqlens, out_dtype, output_final_state):
@@ -184,6 +187,8 @@ def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, ou
         o = fla_window(q, k, v, window, scale, cu_seqlens)
     else:
         if impl == "triton":  # fla's kernel takes no cache: a chunked prefill continues in PyTorch
+            fallback_notice("window_cache", "sliding_window_attention: fla's parallel_attn takes no KV cache "
+                            "prefix, so calls with an initial_state run the PyTorch chunk path instead")
             impl = "chunk"
         dt = compute_dtype(q, k, v)
         if initial_state is None:
@@ -234,6 +239,23 @@ def _window_final_state(initial_state, k, v, P, N, cu_seqlens):
     return take(keys), take(values), valid.gather(1, idx)
 
 
+MAX_SQRT_GRADIENT = 1000.0  # RecurrentGemma's bound (transformers, and our Triton kernel)
+
+
+class SqrtBoundedGrad(torch.autograd.Function):
+    """sqrt(x) whose derivative 1 / (2 sqrt(x)) is capped at MAX_SQRT_GRADIENT, so it stays finite at x = 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / (2 * torch.sqrt(x.clamp(min=0.25 / MAX_SQRT_GRADIENT**2)))
+
+
 def rg_lru(x, gate_a, gate_x, a_param, c=8.0, reset=None, initial_state=None, output_final_state=False,
            impl="auto", chunk_size=16):
     """Griffin's Real-Gated Linear Recurrent Unit over x, gate logits [B, T, D] and Λ = a_param [D]:
@@ -259,15 +281,133 @@ def rg_lru(x, gate_a, gate_x, a_param, c=8.0, reset=None, initial_state=None, ou
         from .rglru_triton import rg_lru_triton
 
         return rg_lru_triton(x, gate_a, gate_x, a_param, c, reset, initial_state, output_final_state)
-    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
-
     dt = compute_dtype(x, gate_a, gate_x, a_param)
     log_a = -c * F.softplus(a_param.to(dt)) * torch.sigmoid(gate_a.to(dt))
-    # sqrt(1 − a²) = sqrt(−expm1(2 log a)), with transformers' bounded derivative (finite as a → 1)
-    multiplier = SqrtBoundDerivative.apply(-torch.expm1(2 * log_a))
+    # sqrt(1 − a²) = sqrt(−expm1(2 log a)), with RecurrentGemma's bounded derivative (finite as a → 1)
+    multiplier = SqrtBoundedGrad.apply(-torch.expm1(2 * log_a))
     if reset is not None:
         multiplier = torch.where(reset.unsqueeze(-1), torch.ones_like(multiplier), multiplier)
         log_a = log_a.masked_fill(reset.unsqueeze(-1), float("-inf"))
     gated_x = multiplier * torch.sigmoid(gate_x.to(dt)) * x.to(dt)
     h, final = diagonal_recurrence(gated_x, log_a, initial_state, output_final_state, impl=impl, chunk_size=chunk_size)
     return h.to(x.dtype), final
+
+
+# Single steps for decoding: per-step tensors [B, H, ...] (no time axis), as in kernels/naive.py.
+# On CUDA they run fla's fused recurrent kernels at T = 1 (never a chunk kernel), elsewhere the
+# PyTorch step; states are float32 (float64 for float64 inputs), outputs keep v's dtype.
+
+def _step(step_fn, inputs, state, out_dtype, *extra):
+    dt = compute_dtype(*inputs, state)
+    o, state = step_fn(*(x.to(dt) for x in inputs), state.to(dt), *extra)
+    return o.to(out_dtype), state
+
+
+def _check_step_qkv(q, k, v):
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, heads, dim] (one step), got shape {list(q.shape)}")
+    B, H, K = q.shape
+    check_shape("k", k, (B, H, K))
+    check_shape("v", v, (B, H, None))
+    return B, H, K, v.shape[-1]
+
+
+def gated_linear_attention_step(q, k, v, log_decay, state=None, scale=None, impl="auto"):
+    """One token of `gated_linear_attention`: q, k, log_decay [B, H, K], v [B, H, V], state [B, H, K, V]
+    (None: zeros). Returns (o [B, H, V], new state)."""
+    B, H, K, V = _check_step_qkv(q, k, v)
+    check_shape("log_decay", log_decay, (B, H, K))
+    scale = K**-0.5 if scale is None else scale
+    state = _zero_state(state, (B, H, K, V), q)
+    if resolve_step_impl(impl, q) == "triton":
+        from .fla_ops import gla_step as fla_step
+
+        o, state = fla_step(q, k, v, log_decay, state, scale)
+        return o.to(v.dtype), state
+    return _step(gla_step, [q, k, v, log_decay], state, v.dtype, scale)
+
+
+def scalar_decay_attention_step(q, k, v, log_decay, state=None, scale=None, impl="auto"):
+    """One token of `scalar_decay_attention`: log_decay [B, H]; otherwise as `gated_linear_attention_step`."""
+    B, H, K, V = _check_step_qkv(q, k, v)
+    check_shape("log_decay", log_decay, (B, H))
+    scale = K**-0.5 if scale is None else scale
+    state = _zero_state(state, (B, H, K, V), q)
+    if resolve_step_impl(impl, q) == "triton":
+        from .fla_ops import scalar_decay_step as fla_step
+
+        o, state = fla_step(q, k, v, log_decay, state, scale)
+        return o.to(v.dtype), state
+    return _step(scalar_decay_step, [q, k, v, log_decay], state, v.dtype, scale)
+
+
+def rwkv6_step(r, k, v, log_decay, bonus, state=None, impl="auto"):
+    """One token of `rwkv6`: r, k, log_decay [B, H, K], v [B, H, V], bonus [H, K], state [B, H, K, V]."""
+    B, H, K, V = _check_step_qkv(r, k, v)
+    check_shape("log_decay", log_decay, (B, H, K))
+    check_shape("bonus", bonus, (H, K))
+    state = _zero_state(state, (B, H, K, V), r)
+    if resolve_step_impl(impl, r) == "triton":
+        from .fla_ops import rwkv6_step as fla_step
+
+        o, state = fla_step(r, k, v, log_decay, bonus, state)
+        return o.to(v.dtype), state
+    u = bonus.to(compute_dtype(r, bonus))
+    return _step(lambda r, k, v, w, s: rwkv6_torch_step(r, k, v, w, u, s), [r, k, v, log_decay], state, v.dtype)
+
+
+def gated_delta_rule_step(q, k, v, beta, log_decay, state=None, scale=None, impl="auto"):
+    """One token of `gated_delta_rule`: beta, log_decay [B, H]. The GPU step has no backward."""
+    B, H, K, V = _check_step_qkv(q, k, v)
+    check_shape("beta", beta, (B, H))
+    check_shape("log_decay", log_decay, (B, H))
+    scale = K**-0.5 if scale is None else scale
+    state = _zero_state(state, (B, H, K, V), q)
+    if resolve_step_impl(impl, q) == "triton":
+        from .fla_ops import delta_rule_step as fla_step
+
+        o, state = fla_step(q, k, v, beta, log_decay, state, scale)
+        return o.to(v.dtype), state
+    return _step(delta_rule_step, [q, k, v, beta, log_decay], state, v.dtype, scale)
+
+
+def diagonal_recurrence_step(x, log_decay, state=None, impl="auto"):
+    """One token of `diagonal_recurrence`: x, log_decay, state [B, D]. Returns (h in x's dtype, h)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [batch, dim] (one step), got shape {list(x.shape)}")
+    check_shape("log_decay", log_decay, tuple(x.shape))
+    state = _zero_state(state, tuple(x.shape), x)
+    if resolve_step_impl(impl, x) == "triton":
+        from .fla_ops import diagonal_step as fla_step
+
+        h, state = fla_step(x, log_decay, state)
+        return h.to(x.dtype), state
+    return _step(diagonal_step, [x, log_decay], state, x.dtype)
+
+
+def sliding_window_attention_step(q, k, v, state, scale=None, impl="auto"):
+    """One token of `sliding_window_attention`: q [B, H, K], k [B, Hk, K], v [B, Hk, V], state the
+    window cache (keys [B, window−1, Hk, K], values, valid [B, window−1]). Returns (o, cache shifted by one).
+
+    The PyTorch step on every device: one softmax over a constant-size cache (fla has no decoding
+    kernel for it; impl="triton" says so once).
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [batch, heads, dim] (one step), got shape {list(q.shape)}")
+    B, H, K = q.shape
+    if k.dim() != 3 or k.shape[0] != B or k.shape[2] != K or H % k.shape[1]:
+        raise ValueError(f"k has shape {list(k.shape)}; expected [{B}, Hk, {K}] with Hk dividing {H}")
+    Hk = k.shape[1]
+    check_shape("v", v, (B, Hk, None))
+    if not (isinstance(state, (tuple, list)) and len(state) == 3):
+        raise ValueError("state for sliding_window_attention_step must be (keys, values, valid)")
+    keys, values, valid = _check_window_state(state, B, state[0].shape[1], Hk, K, v.shape[-1])
+    scale = K**-0.5 if scale is None else scale
+    resolve_step_impl(impl, q, needs_fla=False)  # checks impl; every impl runs the step below
+    if impl == "triton":
+        fallback_notice("window_step", "sliding_window_attention_step: fla has no decoding kernel for window "
+                        "attention, so impl='triton' runs the PyTorch step")
+    dt = compute_dtype(q, k, v)
+    o, cache = window_step(q.to(dt), k.to(dt), v.to(dt), (keys.to(dt), values.to(dt), valid), scale)
+    # the cache keeps k's and v's dtype, as sliding_window_attention's final state does
+    return o.to(v.dtype), (cache[0].to(k.dtype), cache[1].to(v.dtype), cache[2])

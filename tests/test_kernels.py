@@ -1,9 +1,17 @@
 """The kernels against the sequential loop (float64), and their contracts: packed batches,
 state hand-over, single-step decoding, dtypes, strong decays and bad input."""
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+import warnings
+
 import pytest
 import torch
 
 from recur import kernels
+from recur.kernels import _common
 from recur.kernels.cases import NAMES, make_case, step
 
 
@@ -27,19 +35,26 @@ def _with_grad(obj):
     return obj
 
 
-def run_with_grads(case, impl, inputs=None, state=None, cu_seqlens=None, **kw):
-    """Output, final state and the gradients of (o·do + state·dstate) w.r.t. every float input."""
+def run_with_grads(case, impl, inputs=None, state=None, cu_seqlens=None, weights=None, **kw):
+    """Output, final state and the gradients of (o·do + state·dstate) w.r.t. every float input.
+
+    `weights` = [do, dstate leaves...]; random (seeded) when not given."""
     inputs = _with_grad(case.inputs if inputs is None else inputs)
     state = _with_grad(state)
     kwargs = _with_grad(case.kwargs)
     leaves = _float_leaves(inputs) + _float_leaves(state) + _float_leaves(kwargs)
     o, final = case.fn(*inputs.values(), **kwargs, initial_state=state, output_final_state=True,
                        cu_seqlens=cu_seqlens, impl=impl, **kw)
-    g = torch.Generator().manual_seed(1)
     outs = [o] + _float_leaves(final)
-    loss = sum((x * torch.randn(x.shape, dtype=x.dtype, generator=g)).sum() for x in outs)
+    weights = _random_like(outs) if weights is None else weights
+    loss = sum((x * w).sum() for x, w in zip(outs, weights))
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
     return [x.detach() for x in outs], [torch.zeros_like(l) if d is None else d for l, d in zip(leaves, grads)]
+
+
+def _random_like(tensors):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(x.shape, dtype=x.dtype, generator=g) for x in tensors]
 
 
 def assert_close(a, b, what, atol=1e-9, rtol=1e-7):
@@ -72,8 +87,11 @@ def test_packed_equals_one_by_one(name, impl):
     case = make_case(name, B=1, T=sum(lengths), seed=2)
     cu = torch.tensor([0] + lengths).cumsum(0)
     states = make_case(name, B=len(lengths), T=1, seed=5).state
-    packed_out, packed_grad = run_with_grads(case, impl, state=states, cu_seqlens=cu)
     o, final = case(impl, state=states, cu_seqlens=cu)
+    weights = _random_like([o] + _float_leaves(final))  # do, dstate: row n of dstate weighs sequence n
+    _, packed_grad = run_with_grads(case, impl, state=states, cu_seqlens=cu, weights=weights)
+    n_in, n_state = len(case.inputs), len(_float_leaves(states))
+    shared = [torch.zeros_like(g) for g in packed_grad[n_in + n_state:]]  # RWKV-6's bonus: summed over sequences
     for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         one = _index_state(states, n)
         o_n, final_n = case(impl, inputs=case.slice(a, b), state=one)
@@ -81,6 +99,15 @@ def test_packed_equals_one_by_one(name, impl):
         for x, y in zip(_float_leaves(final_n) + _bool_leaves(final_n),
                         _float_leaves(_index_state(final, n)) + _bool_leaves(_index_state(final, n))):
             torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-8)
+        # the packed run's gradients, sliced to sequence n, are those of sequence n alone
+        _, grad_n = run_with_grads(case, impl, inputs=case.slice(a, b), state=one,
+                                   weights=[weights[0][:, a:b]] + [w[n:n + 1] for w in weights[1:]])
+        assert_close(grad_n[:n_in], [g[:, a:b] for g in packed_grad[:n_in]], f"{name} input gradients, sequence {n}",
+                     atol=1e-10, rtol=1e-8)
+        assert_close(grad_n[n_in:n_in + n_state], [g[n:n + 1] for g in packed_grad[n_in:n_in + n_state]],
+                     f"{name} initial-state gradients, sequence {n}", atol=1e-10, rtol=1e-8)
+        shared = [s + g for s, g in zip(shared, grad_n[n_in + n_state:])]
+    assert_close(shared, packed_grad[n_in + n_state:], f"{name} shared-parameter gradients", atol=1e-10, rtol=1e-8)
 
 
 def _index_state(state, n):
@@ -249,3 +276,159 @@ def test_rg_lru_matches_transformers_recurrent_gemma():
     for impl in ["naive", "chunk"]:
         h, _ = kernels.rg_lru(x, gate_a, gate_x, ref.recurrent_param, reset=position_ids == 0, impl=impl)
         torch.testing.assert_close(h, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sqrt_bounded_grad_matches_recurrent_gemma():
+    """Our sqrt with a capped derivative against transformers' SqrtBoundDerivative, down to x = 0."""
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
+
+    from recur.kernels.ops import SqrtBoundedGrad
+
+    for dtype in (torch.float32, torch.float64):
+        x = torch.cat([torch.zeros(1), torch.logspace(-12, 0, 50), torch.rand(20)]).to(dtype)
+        grad = torch.randn_like(x)
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        SqrtBoundedGrad.apply(ours).backward(grad)
+        SqrtBoundDerivative.apply(theirs).backward(grad)
+        torch.testing.assert_close(SqrtBoundedGrad.apply(x), torch.sqrt(x), atol=0, rtol=0)
+        torch.testing.assert_close(ours.grad, theirs.grad)
+        assert ours.grad.abs().max() <= 1000.0 * grad.abs().max()
+
+
+# Runs the CPU paths of every kernel (rg_lru's backward included) with the kernels package loaded
+# alone: recur/__init__ registers the model families with transformers, the kernels must not need it.
+KERNELS_ALONE = """
+import importlib.util, sys, types
+import torch
+path = importlib.util.find_spec("recur").submodule_search_locations
+sys.modules["recur"] = package = types.ModuleType("recur")
+package.__path__ = list(path)
+import recur.kernels as kernels
+from recur.kernels.cases import NAMES, make_case, step
+for name in NAMES:
+    case = make_case(name, T=9)
+    for impl in ("naive", "chunk"):
+        case(impl, state=case.state)
+    step(case, {n: x[:, 0] for n, x in case.inputs.items()}, case.state)
+x, ga, gx = (torch.randn(2, 9, 8, requires_grad=True) for _ in range(3))
+for impl in ("naive", "chunk"):
+    kernels.rg_lru(x, ga, gx, torch.randn(8), impl=impl)[0].sum().backward()
+print("loaded:", sorted(m for m in sys.modules if m.split(".")[0] == "transformers"))
+"""
+
+
+def test_kernels_import_and_run_without_transformers():
+    r = subprocess.run([sys.executable, "-c", KERNELS_ALONE], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "loaded: []" in r.stdout, r.stdout
+
+
+class _CudaFlagged(torch.Tensor):
+    """A CPU tensor that reports is_cuda, to see which path a CUDA tensor would take."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_steps_dispatch_cuda_tensors_to_fla_fused_recurrent_kernels(monkeypatch):
+    x = torch.zeros(2, 3).as_subclass(_CudaFlagged)
+    monkeypatch.setattr(_common, "fla_available", lambda: True)
+    assert _common.resolve_step_impl("auto", x) == "triton"
+    assert _common.resolve_step_impl("auto", torch.zeros(2, 3)) == "naive"
+    monkeypatch.setattr(_common, "fla_available", lambda: False)
+    assert _common.resolve_step_impl("auto", x) == "naive"
+    with pytest.raises(ValueError, match="for a single step"):
+        _common.resolve_step_impl("chunk", x)
+
+    # each public step hands a CUDA tensor to its fla wrapper (a stub here: fla needs a GPU)
+    monkeypatch.setattr(_common, "fla_available", lambda: True)
+    called = []
+
+    def wrapper(name):
+        def fla_step(*args):
+            called.append((name, args))
+            return args[0], None
+        return fla_step
+
+    fla_names = {"gated_linear_attention": "gla_step", "scalar_decay_attention": "scalar_decay_step",
+                 "rwkv6": "rwkv6_step", "gated_delta_rule": "delta_rule_step", "diagonal_recurrence": "diagonal_step"}
+    stub = types.ModuleType("recur.kernels.fla_ops")
+    for name, fn in fla_names.items():
+        setattr(stub, fn, wrapper(name))
+    monkeypatch.setitem(sys.modules, "recur.kernels.fla_ops", stub)
+    for name in fla_names:
+        case = make_case(name, T=1, dtype=torch.float32)
+        inputs_t = {n: t[:, 0].as_subclass(_CudaFlagged) for n, t in case.inputs.items()}
+        step(case, inputs_t, case.state.float())
+    assert [n for n, _ in called] == list(fla_names)
+    assert dict(called)["gated_linear_attention"][-1] == 12 ** -0.5  # the scale is passed on explicitly
+
+
+def test_a_path_that_cannot_serve_a_call_says_so_once(monkeypatch):
+    """fla's parallel_attn takes no cache: with one, impl="triton" runs the chunk path and warns, once.
+    (TRITON_INTERPRET=1 lets impl="triton" through on CPU; the fallback never reaches fla.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "_NOTICES", set())
+    case = make_case("sliding_window_attention", T=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o, final = case("triton", state=case.state)
+        case("triton", state=case.state)
+    assert len(caught) == 1 and "parallel_attn takes no KV cache" in str(caught[0].message)
+    ref, ref_final = case("chunk", state=case.state)
+    assert_close([o, *final], [ref, *ref_final], "fallback")
+
+    inputs_t = {n: x[:, 0] for n, x in case.inputs.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            step(case, inputs_t, case.state, impl="triton")
+    assert len(caught) == 1 and "no decoding kernel" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_keep_float32_state_and_start_from_zeros(name):
+    case = make_case(name, T=1, dtype=torch.float32, seed=9)
+    inputs_t = {n: x[:, 0].to(torch.bfloat16) for n, x in case.inputs.items()}
+    state = case.state if name == "sliding_window_attention" else case.state.float()
+    o, new = step(case, inputs_t, state)
+    assert o.dtype == torch.bfloat16
+    if name == "sliding_window_attention":  # the window cache keeps k's and v's dtype
+        assert [s.dtype for s in _float_leaves(new)] == [torch.bfloat16] * 2
+    else:
+        assert new.dtype == torch.float32
+        torch.testing.assert_close(step(case, inputs_t, None)[1], step(case, inputs_t, torch.zeros_like(state))[1])
+
+
+# fla's fused recurrent kernels in Triton's CPU interpreter; its autotuner needs a GPU benchmarker,
+# so a stub gives every config the same time (../shared/reference/kernels.md §5.3).
+FUSED_RECURRENT_ON_CPU = """
+import torch
+import triton.runtime.autotuner
+triton.runtime.autotuner.Autotuner._bench = lambda self, *args, **kwargs: [1.0, 1.0, 1.0]
+from recur.kernels.cases import make_case, step
+for name in ["gated_linear_attention", "scalar_decay_attention", "rwkv6", "gated_delta_rule", "diagonal_recurrence"]:
+    case = make_case(name, B=2, T=3, H=4, K=32, V=32, dtype=torch.float32)
+    results = {}
+    for impl in ["naive", "triton"]:
+        state, outs = case.state.float(), []
+        for t in range(3):
+            o, state = step(case, {n: x[:, t].contiguous() for n, x in case.inputs.items()}, state, impl=impl)
+            outs.append(o)
+        results[impl] = outs + [state]
+    for a, b in zip(results["triton"], results["naive"]):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: name + ": " + m)
+print("OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None or importlib.util.find_spec("triton") is None,
+                    reason="needs flash-linear-attention and triton")
+def test_fla_fused_recurrent_steps_in_the_triton_interpreter():
+    """The GPU step wrappers (kernels/fla_ops.py: argument order, scale, RWKV-6's bonus) against the
+    PyTorch steps, three chained steps each, on CPU."""
+    r = subprocess.run([sys.executable, "-c", FUSED_RECURRENT_ON_CPU], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ...kernels import gated_linear_attention
+from ...kernels import gated_linear_attention, gated_linear_attention_step
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import GatedRMSNorm, RMSNorm, SwiGLU
 from .configuration_gla import GLAConfig
@@ -39,9 +39,13 @@ class GLAAttention(nn.Module):
         log_decay = heads(F.logsigmoid(self.gk_proj(x).float()) / self.normaliser, self.head_k)
         if pad is not None:  # a pad adds nothing to the state and does not decay it
             k, v, log_decay = (t * pad.unsqueeze(-1).to(t.dtype) for t in (k, v, log_decay))
-        o, final = gated_linear_attention(
-            q, k, v, log_decay, initial_state=None if states is None else states.get("recurrent"),
-            output_final_state=states is not None, cu_seqlens=cu_seqlens)
+        state = None if states is None else states.get("recurrent")
+        if T == 1 and states is not None and cu_seqlens is None:  # decoding: one fused step, no chunk kernel
+            o, final = gated_linear_attention_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state)
+            o = o.unsqueeze(1)
+        else:
+            o, final = gated_linear_attention(q, k, v, log_decay, initial_state=state,
+                                              output_final_state=states is not None, cu_seqlens=cu_seqlens)
         if states is not None:
             states["recurrent"] = final
         o = self.g_norm(o, heads(self.g_proj(x), self.head_v))

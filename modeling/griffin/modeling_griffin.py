@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ...kernels import rg_lru, sliding_window_attention
+from ...kernels import rg_lru, sliding_window_attention, sliding_window_attention_step
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import RMSNorm, ShortConvolution
 from .configuration_griffin import GriffinConfig
@@ -121,8 +121,13 @@ class GriffinAttention(nn.Module):
             k = torch.cat([k, ((1 - pad.to(k.dtype)) * _PAD_LOGIT)[..., None].expand(B, T, self.num_kv_heads, 1)], -1)
             if state is not None:
                 state = (torch.cat([state[0], state[0].new_zeros(*state[0].shape[:-1], 1)], -1), *state[1:])
-        o, final = sliding_window_attention(q, k, v, self.window, scale=self.head_dim ** -0.5, initial_state=state,
-                                            output_final_state=states is not None, cu_seqlens=layout.cu_seqlens)
+        scale = self.head_dim ** -0.5
+        if T == 1 and state is not None and layout.cu_seqlens is None:  # decoding: one step over the cache
+            o, final = sliding_window_attention_step(q[:, 0], k[:, 0], v[:, 0], state, scale=scale)
+            o = o.unsqueeze(1)
+        else:
+            o, final = sliding_window_attention(q, k, v, self.window, scale=scale, initial_state=state,
+                                                output_final_state=states is not None, cu_seqlens=layout.cu_seqlens)
         if states is not None:
             keys, values, valid = final
             if pad is not None:
@@ -163,6 +168,7 @@ class GriffinBlock(GradientCheckpointingLayer):
 class GriffinModel(RecurrentModel):
     config_class = GriffinConfig
     _no_split_modules = ["GriffinBlock"]
+    _keep_in_fp32_modules_strict = ["rg_lru.recurrent_param"]  # Λ: a = σ(Λ)^(c·r) near 1
 
     def __init__(self, config: GriffinConfig):
         super().__init__(config)

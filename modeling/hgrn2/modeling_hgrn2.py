@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ...kernels import gated_linear_attention
+from ...kernels import gated_linear_attention, gated_linear_attention_step
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import RMSNorm, SwiGLU
 from .configuration_hgrn2 import HGRN2Config
@@ -39,10 +39,14 @@ class HGRN2Attention(nn.Module):
         q, i = F.silu(self.q_proj(x)), self.i_proj(x)
         if pad is not None:  # a pad adds nothing to the state and does not decay it
             key, i, log_forget = key * pad, i * pad.to(i.dtype), log_forget * pad
-        o, final = gated_linear_attention(
-            heads(q), heads(key.to(q.dtype)), heads(i), heads(log_forget),
-            initial_state=None if states is None else states.get("recurrent"),
-            output_final_state=states is not None, cu_seqlens=cu_seqlens)
+        q, key, i, log_forget = heads(q), heads(key.to(q.dtype)), heads(i), heads(log_forget)
+        state = None if states is None else states.get("recurrent")
+        if T == 1 and states is not None and cu_seqlens is None:  # decoding: one fused step, no chunk kernel
+            o, final = gated_linear_attention_step(q[:, 0], key[:, 0], i[:, 0], log_forget[:, 0], state)
+            o = o.unsqueeze(1)
+        else:
+            o, final = gated_linear_attention(q, key, i, log_forget, initial_state=state,
+                                              output_final_state=states is not None, cu_seqlens=cu_seqlens)
         if states is not None:
             states["recurrent"] = final
         return self.o_proj(self.g_norm(o.reshape(B, T, -1)))
@@ -64,6 +68,7 @@ class HGRN2Block(GradientCheckpointingLayer):
 class HGRN2Model(RecurrentModel):
     config_class = HGRN2Config
     _no_split_modules = ["HGRN2Block"]
+    _keep_in_fp32_modules_strict = ["lower_bounds"]  # the forget gates' floors, a softmax over layers
 
     def __init__(self, config: HGRN2Config):
         super().__init__(config)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ...kernels import scalar_decay_attention
+from ...kernels import scalar_decay_attention, scalar_decay_attention_step
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel, RecurrentPreTrainedModel
 from ..layers import GatedRMSNorm, RMSNorm, ShortConvolution
 from .configuration_mamba2 import Mamba2Config
@@ -63,10 +63,15 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         xs = xs.view(B, T, H, P)
         to_heads = lambda t: t.view(B, T, G, N).repeat_interleave(H // G, dim=2)
-        y, final = scalar_decay_attention(
-            to_heads(Cm), to_heads(Bm), (xs.float() * dt.unsqueeze(-1)).to(xs.dtype), dt * A, scale=1.0,
-            initial_state=None if states is None else states.get("recurrent"),
-            output_final_state=states is not None, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size)
+        q, k, v, log_decay = to_heads(Cm), to_heads(Bm), (xs.float() * dt.unsqueeze(-1)).to(xs.dtype), dt * A
+        state = None if states is None else states.get("recurrent")
+        if T == 1 and states is not None and cu_seqlens is None:  # decoding: one fused step, no chunk kernel
+            y, final = scalar_decay_attention_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state, scale=1.0)
+            y = y.unsqueeze(1)
+        else:
+            y, final = scalar_decay_attention(q, k, v, log_decay, scale=1.0, initial_state=state,
+                                              output_final_state=states is not None, cu_seqlens=cu_seqlens,
+                                              chunk_size=self.chunk_size)
         if states is not None:
             states["conv"], states["recurrent"] = conv_state, final
         y = y.float() + self.D.float().unsqueeze(-1) * xs.float()
@@ -91,6 +96,8 @@ class Mamba2Block(GradientCheckpointingLayer):
 class Mamba2PreTrainedModel(RecurrentPreTrainedModel):
     config_class = Mamba2Config
     _no_split_modules = ["Mamba2Block"]
+    # the per-head SSM parameters stay float32 when loading in bf16/fp16 (A = −exp(A_log) in bf16 is far off)
+    _keep_in_fp32_modules_strict = ["mixer.A_log", "mixer.dt_bias", "mixer.D"]
 
     def _init_weights(self, module):
         """mamba_ssm's init: torch's default Linear/Conv1d init (biases 0), embeddings N(0, 0.02),
@@ -124,7 +131,7 @@ class Mamba2PreTrainedModel(RecurrentPreTrainedModel):
 class Mamba2Model(RecurrentModel, Mamba2PreTrainedModel):
     def __init__(self, config: Mamba2Config):
         super().__init__(config)
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Mamba2Block(config) for _ in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
@@ -136,3 +143,10 @@ class Mamba2Model(RecurrentModel, Mamba2PreTrainedModel):
 class Mamba2ForCausalLM(RecurrentForCausalLM, Mamba2PreTrainedModel):
     config_class = Mamba2Config
     base_model_class = Mamba2Model
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """As transformers resizes, padded to the config's multiple by default: transformers then sets
+        vocab_size to the padded row count, which the model rebuilds as it is when loaded again."""
+        if pad_to_multiple_of is None and self.config.pad_vocab_size_multiple > 1:
+            pad_to_multiple_of = self.config.pad_vocab_size_multiple
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...kernels import rwkv6 as rwkv6_recurrence
+from ...kernels import rwkv6_step
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel, RecurrentPreTrainedModel
 from ..layers import token_shift
 from .configuration_rwkv6 import RWKV6Config
@@ -94,9 +95,13 @@ class RWKV6TimeMix(nn.Module):
         log_decay = heads(-decay.exp())
         if pad is not None:  # a pad adds nothing to the state and does not decay it
             k, log_decay = k * pad.unsqueeze(-1).to(k.dtype), log_decay * pad.unsqueeze(-1)
-        o, final = rwkv6_recurrence(r, k, v, log_decay, self.time_faaaa.float(),
-                                 initial_state=None if states is None else states.get("wkv"),
-                                 output_final_state=states is not None, cu_seqlens=cu_seqlens)
+        state = None if states is None else states.get("wkv")
+        if T == 1 and states is not None and cu_seqlens is None:  # decoding: one fused step, no chunk kernel
+            o, final = rwkv6_step(r[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], self.time_faaaa.float(), state)
+            o = o.unsqueeze(1)
+        else:
+            o, final = rwkv6_recurrence(r, k, v, log_decay, self.time_faaaa.float(), initial_state=state,
+                                        output_final_state=states is not None, cu_seqlens=cu_seqlens)
         if states is not None:
             states["wkv"] = final
         o = F.group_norm(o.reshape(B * T, -1).float(), self.num_heads, self.ln_x.weight.float(),

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ...kernels._common import pack_to_padded, padded_to_pack
+from ...kernels import pack_to_padded, padded_to_pack
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import RMSNorm, ShortConvolution, SwiGLU
 from .attention import SegmentAttention, WindowAttention
