@@ -1,19 +1,32 @@
 """Checks shared by the checkpoint converters: the right family, every tensor accounted for."""
 from __future__ import annotations
 
-# A tensor name that only one family's checkpoints carry, to name the family of a wrong checkpoint.
-_SIGNATURES = {
-    "time_maa": "RWKV-6", "time_mix_": "RWKV (v4/v5)", "A_log": "Mamba-2 / Mamba", "gk_proj": "GLA",
-    "f_proj": "HGRN2", "lower_bounds": "HGRN2", "rg_lru": "Griffin / RecurrentGemma",
-    "recurrent_param": "Griffin / RecurrentGemma", "q_proj": "a transformer or linear-attention model",
-}
+# Tensor-name fragments of architectures recur does not convert, checked before the families'
+# own signatures (Mamba-1 also has A_log); a plain transformer's q_proj is checked last, since
+# linear-attention layers have one too.
+_OTHERS_FIRST = {"mixer.x_proj": "Mamba-1", "mixer.dt_proj": "Mamba-1", "time_mix_": "RWKV (v4/v5)"}
+_OTHERS_LAST = {"self_attn.": "a Transformer", "q_proj": "a transformer or linear-attention model"}
+
+
+def _signatures() -> dict[str, str]:
+    from . import FAMILIES
+
+    families = {f.signature: f.name for f in FAMILIES.values() if f.signature}
+    return {**_OTHERS_FIRST, **families, **_OTHERS_LAST}
 
 
 def guess_family(names) -> str:
-    for marker, family in _SIGNATURES.items():
-        if any(marker in n for n in names):
-            return family
-    return "an unknown architecture"
+    return guess_family_and_keys(names)[0]
+
+
+def guess_family_and_keys(names) -> tuple[str, list[str]]:
+    """The architecture a checkpoint's tensor names look like, and the names that gave it away."""
+    names = list(names)
+    for marker, family in _signatures().items():
+        hits = sorted(n for n in names if marker in n)
+        if hits:
+            return family, hits
+    return "an unknown architecture", []
 
 
 def require_family(names, marker: str, family: str) -> None:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("fla", reason="flash-linear-attention is not installed")
 
-from recur.modeling import GLAForCausalLM, HGRN2ForCausalLM  # noqa: E402
+from recur.modeling.gla import GLAForCausalLM  # noqa: E402
+from recur.modeling.hgrn2 import HGRN2ForCausalLM  # noqa: E402
 from recur.modeling.gla.convert import from_fla as gla_from_fla  # noqa: E402
 from recur.modeling.hgrn2.convert import from_fla as hgrn2_from_fla  # noqa: E402
 

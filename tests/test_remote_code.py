@@ -9,18 +9,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import recur  # noqa: F401
+from recur.modeling import FAMILIES
 
-TINY = {
-    "recur_griffin": dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, intermediate_size=48,
-                          num_attention_heads=4, lru_width=32, attention_window_size=6),
-    "recur_gla": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2, gate_low_rank_dim=4),
-    "recur_hgrn2": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, expand_ratio=16, intermediate_size=64),
-    "recur_mamba2": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, d_state=8, headdim=8, chunk_size=16),
-    "recur_rwkv6": dict(vocab_size=61, hidden_size=64, num_hidden_layers=2, head_size=32, intermediate_size=128,
-                        time_mix_low_rank_dim=8, time_decay_low_rank_dim=8),
-    "recur_titans": dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=48,
-                         variant="mac", memory_chunk_size=4, segment_len=8, attention_window_size=6),
-}
+# the first test config each family declares
+TINY = {family.model_type: next(iter(family.tiny.values())) for family in FAMILIES.values()}
 
 # Runs in a fresh Python where `import recur` fails, then compares with the logits saved beside.
 LOAD_WITHOUT_RECUR = """
@@ -51,7 +43,7 @@ def test_saved_folder_loads_without_recur(family, tmp_path):
     assert type(model).__module__.startswith("recur.")  # not a second copy of the package under another name
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
-    x = torch.randint(0, 61, (2, 11))
+    x = torch.randint(0, model.config.vocab_size, (2, 11))
     with torch.no_grad():
         torch.save((x, model(x).logits), tmp_path / "expected.pt")
     r = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_RECUR, str(tmp_path)], capture_output=True, text=True,

@@ -11,18 +11,10 @@ Per token, training (forward + backward = 3 × forward):
   matmul per token). Each weight is used once per token: 2 FLOPs forward, 4 backward (Kaplan et
   al. 2020, the 6N rule). Norm scales, biases and decays are counted the same way; they are a
   fraction of a percent.
-- mixing_forward, the token-mixing work that has no weight of its own, in its recurrent form
-  (what the state costs per token, whatever the kernel's chunking):
-  - matrix-state recurrences S_t = decay ⊙ S_{t−1} + k_t v_tᵀ, o_t = q_tᵀ S_t, with S of
-    H × dk × dv elements: decay 1, outer product and add 2, readout 2 → 5 · H·dk·dv.
-    GLA: dk = hidden·expand_k / H, dv = hidden·expand_v / H. HGRN2: dk = dv = expand_ratio,
-    H = hidden / expand_ratio. RWKV-6: dk = dv = head_size, H = attention_hidden / head_size
-    (the bonus term u adds 2·H·dk·dv more: 7 per element).
-  - Mamba-2 (SSD): 7 · d_inner · d_state (Megatron-LM's Mamba layer count: `7·T·d_in·N`).
-  - Griffin: RG-LRU is diagonal (a few FLOPs per channel, not counted); each local-attention
-    layer costs 4 · heads · head_dim · w̄ (QKᵀ and AV, 2 FLOPs per multiply-add), w̄ the
-    average number of keys a query sees: min(t + 1, window) averaged over t < seq_len.
-  - other families: 0 (6N only; documented as such in the log).
+- mixing_forward: the token-mixing work that has no weight of its own, in its recurrent form
+  (what the state costs per token, whatever the kernel's chunking). Each family declares its
+  formula in its folder (`FAMILY.mixing_flops` in recur/modeling/<family>/__init__.py); a family
+  without one counts 6N only (said in the log).
 """
 from __future__ import annotations
 
@@ -52,28 +44,14 @@ def non_embedding_params(model) -> int:
     return total
 
 
-def _average_window(seq_len: int, window: int) -> float:
-    return sum(min(t + 1, window) for t in range(seq_len)) / seq_len
-
-
 def mixing_forward_flops(config, seq_len: int) -> tuple[float, str]:
     """Forward FLOPs per token of token mixing summed over layers, and the formula used."""
-    kind, L, d = config.model_type, config.num_hidden_layers, config.hidden_size
-    if kind == "recur_gla":
-        dk, dv = d * config.expand_k, d * config.expand_v
-        return L * 5 * dk * dv / config.num_heads, "6N + 3·L·5·H·dk·dv"
-    if kind == "recur_hgrn2":
-        return L * 5 * d * config.expand_ratio, "6N + 3·L·5·H·dk·dv"
-    if kind == "recur_rwkv6":
-        return L * 7 * config.attention_hidden_size * config.head_size, "6N + 3·L·7·H·dk·dv"
-    if kind == "recur_mamba2":
-        return L * 7 * config.d_inner * config.d_state, "6N + 3·L·7·d_inner·d_state"
-    if kind == "recur_griffin":
-        attention_layers = sum(t == "attention" for t in config.layers_block_type)
-        w = _average_window(seq_len, config.attention_window_size)
-        per_layer = 4 * config.num_attention_heads * config.head_dim * w
-        return attention_layers * per_layer, "6N + 3·L_attn·4·heads·head_dim·w̄"
-    return 0.0, "6N (token mixing not counted for this family)"
+    from recur.modeling import FAMILIES
+
+    family = FAMILIES.get(config.model_type)
+    if family is None or family.mixing_flops is None:
+        return 0.0, "6N (token mixing not counted for this family)"
+    return family.mixing_flops(config, seq_len)
 
 
 def flops_per_token(model, seq_len: int) -> tuple[float, str]:

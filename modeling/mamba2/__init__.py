@@ -1,5 +1,25 @@
+from ..family import Converter, Family
 from .configuration_mamba2 import Mamba2Config
 from .convert import from_transformers
 from .modeling_mamba2 import Mamba2ForCausalLM, Mamba2Model
 
-__all__ = ["Mamba2Config", "Mamba2Model", "Mamba2ForCausalLM", "from_transformers"]
+
+def mixing_flops(config: Mamba2Config, seq_len: int):
+    """SSD: 7·d_inner·d_state per layer (Megatron-LM's Mamba layer count, `7·T·d_in·N`)."""
+    return config.num_hidden_layers * 7 * config.d_inner * config.d_state, "6N + 3·L·7·d_inner·d_state"
+
+
+FAMILY = Family(
+    name="Mamba-2", config=Mamba2Config, model=Mamba2Model, causal_lm=Mamba2ForCausalLM, mixing_flops=mixing_flops,
+    converters=[
+        Converter("transformers Mamba2 (state-spaces/mamba2-*)", from_transformers, model_type="mamba2"),
+        # mamba_ssm's own config.json has no model_type: d_model, n_layer and ssm_cfg
+        Converter("mamba_ssm Mamba-2", from_transformers,
+                  matches=lambda config: "model_type" not in config and "ssm_cfg" in config),
+    ],
+    signature="A_log",
+    tiny={"recur_mamba2": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, d_state=16, headdim=12, ngroups=2,
+                               chunk_size=16)},
+)
+
+__all__ = ["Mamba2Config", "Mamba2Model", "Mamba2ForCausalLM", "from_transformers", "FAMILY"]

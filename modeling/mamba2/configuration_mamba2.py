@@ -1,8 +1,10 @@
 """Configuration of Mamba-2 (SSD, arXiv 2405.21060), with mamba_ssm's field names and defaults.
 
 Defaults are state-spaces/mamba2-130m. `d_model` and `n_layer` (mamba_ssm's names) are accepted
-for hidden_size and num_hidden_layers. The vocabulary is padded up to a multiple of
-`pad_vocab_size_multiple`, as mamba_ssm's MambaLMHeadModel does (50277 -> 50288).
+for hidden_size and num_hidden_layers. `vocab_size` is the vocabulary as given; the model's
+embedding and head are padded up to a multiple of `pad_vocab_size_multiple` where the model is
+built, as mamba_ssm's MambaLMHeadModel does (50277 -> 50288: `padded_vocab_size`), so a config
+means the same when written and read.
 """
 from transformers import PretrainedConfig
 
@@ -19,8 +21,7 @@ class Mamba2Config(PretrainedConfig):
                  pad_token_id=0, use_cache=True, **kwargs):
         hidden_size = kwargs.pop("d_model", hidden_size)
         num_hidden_layers = kwargs.pop("n_layer", num_hidden_layers)
-        multiple = pad_vocab_size_multiple
-        self.vocab_size = vocab_size + (-vocab_size) % multiple if multiple > 1 else vocab_size
+        self.vocab_size = vocab_size
         self.pad_vocab_size_multiple = pad_vocab_size_multiple
         self.hidden_size, self.num_hidden_layers = hidden_size, num_hidden_layers
         self.d_state, self.d_conv, self.expand, self.headdim, self.ngroups = d_state, d_conv, expand, headdim, ngroups
@@ -40,6 +41,12 @@ class Mamba2Config(PretrainedConfig):
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # Derived sizes: properties, so they are never saved and can never disagree with the fields.
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to pad_vocab_size_multiple."""
+        multiple = self.pad_vocab_size_multiple
+        return self.vocab_size + (-self.vocab_size) % multiple if multiple > 1 else self.vocab_size
+
     @property
     def d_inner(self) -> int:
         return int(self.expand * self.hidden_size)

@@ -12,17 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint import guess_family_and_keys
 from .configuration_mamba2 import Mamba2Config
-
-# A key fragment that gives away another family, checked in this order.
-_FAMILY_HINTS = [
-    ("mixer.x_proj", "Mamba-1"), ("mixer.dt_proj", "Mamba-1"),
-    ("time_maa", "RWKV-6"), ("time_mix", "RWKV"), ("time_decay", "RWKV"),
-    ("gk_proj", "GLA"), ("f_proj", "HGRN2"),
-    ("rg_lru", "Griffin / RecurrentGemma"), ("temporal_block", "Griffin / RecurrentGemma"),
-    ("self_attn.", "a Transformer"),
-]
-
 
 def _names(keys, limit=6) -> str:
     keys = sorted(keys)
@@ -75,17 +66,16 @@ def _from_mamba_ssm_config(c: dict) -> dict:
 
 
 def _check_family(keys) -> None:
-    for fragment, family in _FAMILY_HINTS:
-        hits = [k for k in keys if fragment in k]
-        if hits:
-            raise ValueError(f"not a Mamba-2 state dict: it looks like {family} (keys such as {_names(hits, 3)})")
+    family, hits = guess_family_and_keys(keys)
+    if hits and family != "Mamba-2":
+        raise ValueError(f"not a Mamba-2 state dict: it looks like {family} (keys such as {_names(hits, 3)})")
     if not any(k.endswith(".mixer.dt_bias") for k in keys):
         raise ValueError(f"not a Mamba-2 state dict: no 'backbone.layers.{{i}}.mixer.dt_bias' (has {_names(keys, 4)})")
 
 
 def _expected_shapes(c: Mamba2Config) -> dict:
     """Every tensor of transformers' layout for this config, with its shape."""
-    D, E, H, V, X = c.hidden_size, c.d_inner, c.num_heads, c.vocab_size, c.conv_dim
+    D, E, H, V, X = c.hidden_size, c.d_inner, c.num_heads, c.padded_vocab_size, c.conv_dim
     shapes = {"backbone.embeddings.weight": (V, D), "backbone.norm_f.weight": (D,)}
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, D)

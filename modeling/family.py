@@ -1,0 +1,99 @@
+"""What a model family declares for the rest of recur, in its own folder.
+
+Each subfolder of recur/modeling/ that defines `FAMILY = Family(...)` in its `__init__.py` is a
+family. Registration with transformers' Auto classes, `recur convert`, the trainer (float32
+parameters, FLOPs per token) and the generic tests iterate over these declarations, so adding a
+family is adding a folder:
+
+    FAMILY = Family(
+        name="GLA", config=GLAConfig, model=GLAModel, causal_lm=GLAForCausalLM,
+        mixing_flops=lambda config, seq_len: (..., "formula"),  # token mixing per token, forward
+        converters=[Converter("fla GLA (fla-hub/gla-*)", model_type="gla", convert=from_fla)],
+        signature="gk_proj",                                      # a tensor name only its checkpoints have
+        tiny={"recur_gla": dict(vocab_size=101, hidden_size=48, ...)},
+    )
+
+Parameters that must stay float32 (log-decays, rates) are the model class's own
+`_keep_in_fp32_modules_strict`, which transformers' loading honours and the trainer checks.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Converter:
+    """One official checkpoint layout a family reads: `convert(config_dict, state_dict) -> (config, state)`.
+
+    A folder matches by its config.json's `model_type` (or by `matches(config_dict)` when the layout
+    has none); a single file (no config) matches by its suffix and is converted with config {}.
+    """
+
+    name: str
+    convert: Callable
+    model_type: str | None = None
+    matches: Callable[[dict], bool] | None = None
+    file_suffixes: tuple[str, ...] = ()
+
+    def reads_folder(self, config: dict) -> bool:
+        if self.matches is not None:
+            return self.matches(config)
+        return self.model_type is not None and config.get("model_type") == self.model_type
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as people write it: "Mamba-2", "Griffin / RecurrentGemma"
+    config: type
+    model: type
+    causal_lm: type
+    # forward FLOPs per token of the token mixing that has no weight of its own, summed over layers,
+    # and the formula as text (train/flops.py adds 6N); None: not counted
+    mixing_flops: Callable | None = None
+    converters: list[Converter] = field(default_factory=list)
+    signature: str | None = None  # a tensor-name fragment only this family's checkpoints carry
+    tiny: dict[str, dict] = field(default_factory=dict)  # test configs: id -> config kwargs
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+
+def discover() -> dict[str, Family]:
+    """model_type -> Family for every subpackage of recur.modeling that declares FAMILY."""
+    import recur.modeling as package
+
+    families = {}
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.ispkg:
+            family = getattr(importlib.import_module(f"{package.__name__}.{info.name}"), "FAMILY", None)
+            if isinstance(family, Family):
+                families[family.model_type] = family
+    return families
+
+
+def fp32_patterns(model) -> list[str]:
+    """The model's `_keep_in_fp32_modules_strict` patterns (transformers collects them over submodules)."""
+    return sorted(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+
+
+def fp32_parameter_names(model) -> list[str]:
+    """Parameter names matched by the model's float32 patterns, as transformers' loading matches them
+    (a regex search of each pattern, `*` a wildcard)."""
+    patterns = fp32_patterns(model)
+    if not patterns:
+        return []
+    regex = re.compile("|".join(p.replace("*", ".*") for p in patterns))
+    return [n for n, _ in model.named_parameters() if regex.search(n)]
+
+
+def tiny_configs() -> dict[str, tuple[str, dict]]:
+    """Every family's test configs: id -> (model_type, kwargs). Ids are `model_type` or `model_type/variant`."""
+    from . import FAMILIES
+
+    return {name: (family.model_type, dict(kwargs)) for family in FAMILIES.values()
+            for name, kwargs in family.tiny.items()}
