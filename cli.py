@@ -5,7 +5,7 @@ import argparse
 import ctypes
 import sys
 
-from recur.data.config import DataError
+from recur.config import UserError
 
 
 def keep_freed_memory() -> None:
@@ -71,12 +71,18 @@ def main(argv=None) -> int:
         from recur.eval.bench_data import main as job
     try:
         return job(rest)
-    except DataError as e:  # bad input: one line, no traceback
-        # An error raised in a DataLoader worker comes back wrapped with the worker's traceback;
-        # its last line is the original message.
-        message = str(e).strip().splitlines()[-1].removeprefix("recur.data.config.DataError: ")
-        print(f"error: {message.removeprefix('DataError: ')}", file=sys.stderr)
+    except UserError as e:  # bad input: one line, no traceback
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error. One raised in a DataLoader worker comes back wrapped with the
+    worker's traceback; its last line is the original `module.Class: message`."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    return rest if sep and head.rsplit(".", 1)[-1].endswith("Error") and " " not in head else last
 
 
 if __name__ == "__main__":

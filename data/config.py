@@ -21,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..config import UserError, typed
+
 FORMATS = ("auto", "text", "jsonl", "parquet", "wikiextractor", "hub", "builtin")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad data input; the message is one line naming the problem."""
 
 
@@ -55,8 +57,9 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, raw: dict | None, where: str = "data") -> "DataConfig":
+        if raw is not None and not isinstance(raw, dict):
+            raise DataError(f"{where}: expected a mapping, got {raw!r}")
         raw = dict(raw or {})
-        _check_keys(raw, cls, where)
         sources = raw.pop("sources", None)
         if sources is not None:
             if isinstance(sources, (str, dict)):
@@ -68,12 +71,12 @@ class DataConfig:
                 s = {"path": s} if isinstance(s, str) else s
                 if not isinstance(s, dict):
                     raise DataError(f"{where}.sources[{i}]: expected a path or a mapping, got {type(s).__name__}")
-                _check_keys(s, SourceConfig, f"{where}.sources[{i}]")
-                if "path" not in s:
+                known = {f.name for f in dataclasses.fields(SourceConfig)}
+                if "path" not in s and set(s) <= known:  # (an unknown key is named first, by typed)
                     raise DataError(f"{where}.sources[{i}]: missing key 'path'")
-                parsed.append(_typed(SourceConfig, s, f"{where}.sources[{i}]"))
+                parsed.append(typed(SourceConfig, s, f"{where}.sources[{i}]", DataError))
             raw["sources"] = parsed
-        config = _typed(cls, raw, where)
+        config = typed(cls, raw, where, DataError)
         config.validate(where)
         return config
 
@@ -96,26 +99,3 @@ class DataConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _check_keys(raw: dict, cls, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise DataError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
-
-
-def _typed(cls, raw: dict, where: str):
-    """Build the dataclass, refusing values of the wrong type (ints are accepted for floats)."""
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    for key, value in raw.items():
-        want = hints[key] if isinstance(hints[key], str) else hints[key].__name__
-        ok = {
-            "str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-            "bool": isinstance(value, bool), "str | None": value is None or isinstance(value, str),
-            "int | None": value is None or isinstance(value, int) and not isinstance(value, bool),
-        }.get(want, True)
-        if not ok:
-            raise DataError(f"{where}.{key}: expected {want}, got {value!r}")
-    return cls(**raw)

@@ -11,6 +11,7 @@ same code, so its batches are identical to the streaming path's for the same sou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from .config import DataConfig, DataError
 from ..files import atomic_folder
 from .pipeline import encode
-from .sources import Problems, read_documents, source_files
+from .sources import Problems, no_documents, read_documents, source_files
 
 MANIFEST = "manifest.json"
 
@@ -48,9 +49,11 @@ def prepare(config: DataConfig, tokenizer, out: str) -> dict:
             paths = source_files(source)
             files.append(paths)
             os.makedirs(os.path.join(tmp, f"s{i}"))
+            skipped_before, documents = problems.count, 0
             for j, path in enumerate(tqdm(paths, desc=f"source {i}: {source.path}", unit="file")):
                 index, chunks, start = [], [], 0
                 docs = list(read_documents(path, source, problems))
+                documents += len(docs)
                 for g in range(0, len(docs), 256):
                     group = docs[g:g + 256]
                     for (doc_index, _), ids in zip(group, encode(tokenizer, [t for _, t in group], config.add_bos)):
@@ -61,6 +64,8 @@ def prepare(config: DataConfig, tokenizer, out: str) -> dict:
                 (np.concatenate(chunks) if chunks else np.zeros(0, dtype)).tofile(stem + ".tokens")
                 np.asarray(index, dtype=np.int64).reshape(-1, 3).tofile(stem + ".index")
                 total += start
+            if not documents:  # shards of nothing would only fail later, in training
+                raise DataError(no_documents(source, paths, problems, problems.count - skipped_before))
         manifest = {"sources": _source_key(config), "files": files, "dtype": np.dtype(dtype).name,
                     "tokenizer": tokenizer_fingerprint(tokenizer), "vocab": len(tokenizer), "add_bos": config.add_bos,
                     "tokens": total}
@@ -115,37 +120,30 @@ def main(argv=None) -> int:
     from .tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(prog="recur data prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe", help="a recipe YAML (its data: section is used) or a data YAML")
+    parser.add_argument("recipe", help="a recipe (a shipped name such as gla-tiny, or a YAML file; its data: "
+                                       "section is used) or a YAML file that is only a data section")
     parser.add_argument("out", help="output folder (must not exist or be empty)")
     parser.add_argument("overrides", nargs="*", help="data.key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_data_config(args.recipe, args.overrides)
-        tokenizer = load_tokenizer(config.tokenizer)
-        manifest = prepare(config, tokenizer, args.out)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    args = parser.parse_intermixed_args(argv)
+    config = load_data_config(args.recipe, args.overrides)  # errors: one line, exit 2 (cli)
+    tokenizer = load_tokenizer(config.tokenizer)
+    manifest = prepare(config, tokenizer, args.out)
     print(f"wrote {manifest['tokens']:,} tokens from {sum(map(len, manifest['files']))} files to {args.out}")
     return 0
 
 
-def load_data_config(path: str, overrides: list[str] = ()) -> DataConfig:
-    """The data: section of a recipe file (or a file that is only a data section), with overrides."""
-    import yaml
+def load_data_config(name: str, overrides: list[str] = ()) -> DataConfig:
+    """The data: section of a recipe (read as every command reads recipes: shipped names, `base:`
+    chains), or of a file that is only a data section, with data.key=value overrides applied."""
+    from recur.config import apply_overrides, find_recipe, read_yaml
 
-    if not os.path.isfile(path):
-        raise DataError(f"recipe {path!r}: no such file")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise DataError(f"recipe {path!r}: not valid YAML ({str(e).splitlines()[0]})") from e
-    raw = raw.get("data", raw) if isinstance(raw, dict) else raw
-    if not isinstance(raw, dict):
-        raise DataError(f"recipe {path!r}: expected a mapping with a data: section")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("data."):
-            raise DataError(f"override {item!r}: expected data.key=value")
-        raw[key.removeprefix("data.")] = yaml.safe_load(value)
-    return DataConfig.from_dict(raw)
+    path = find_recipe(name)
+    raw = read_yaml(path)
+    data_keys = {f.name for f in dataclasses.fields(DataConfig)}
+    if "data" not in raw and raw and set(raw) <= data_keys:  # a file that is only a data section
+        raw = {"data": raw}
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise DataError(f"override {bad[0]!r}: recur data prepare takes data.key=value overrides only")
+    raw = apply_overrides(raw, list(overrides))
+    return DataConfig.from_dict(raw.get("data"))

@@ -110,3 +110,12 @@ def _first_count(tasks_per_node: str) -> int:
     """'4(x2),3' -> 4: SLURM's compressed tasks-per-node list; the local world size of the first node."""
     match = re.match(r"^(\d+)", tasks_per_node.strip())
     return int(match.group(1)) if match else 1
+
+
+def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """Reduce a few numbers over every rank (one small collective; the result is on the host)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.tolist()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import subprocess
 import sys
@@ -78,8 +77,14 @@ def main(argv=None) -> int:
                              "(0: report only)")
     parser.add_argument("overrides", nargs="*", help="recipe overrides passed to recur train (dotted.key=value)")
     args = parser.parse_intermixed_args(argv)
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from .rundir import RunDirLock, make_run_dir
+
+    run_dir = make_run_dir(Path(args.run_dir))
+    with RunDirLock(run_dir):  # one quickstart or training per run dir; its `recur train` is told it holds it
+        return quickstart(run_dir, args)
+
+
+def quickstart(run_dir: Path, args) -> int:
     start = time.perf_counter()
 
     from recur.data import SourceConfig, load_tokenizer, train_tokenizer
@@ -121,7 +126,9 @@ def main(argv=None) -> int:
     sample = model.generate(**ids, max_new_tokens=80, min_new_tokens=80, do_sample=True, temperature=0.8, top_k=40)
     text = tokenizer.decode(sample[0], skip_special_tokens=True)
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from .metrics import read_metrics
+
+    records = [r for r in read_metrics(run_dir) if "loss" in r]  # (not event lines)
     last = records[-1]
     n_params = sum(p.numel() for p in model.parameters())
     t = recipe.train

@@ -47,16 +47,20 @@ Every error is a RecipeError (a ValueError) whose one-line message starts with t
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from recur.config import RecipeError, apply_overrides, deep_merge, find_recipe, read_recipe, typed
 from recur.data import DataConfig, DataError
+
+__all__ = ["Recipe", "TrainConfig", "LogConfig", "RecipeError", "load_recipe", "parse", "validate",
+           "apply_overrides", "deep_merge", "find_recipe"]
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -70,10 +74,6 @@ OWNED_DEEPSPEED_KEYS = {
     "fp16": "train.precision: bf16 (fp16 needs loss scaling and overflows the recurrent decays)",
     "torch_autocast": "train.precision", "zero_optimization.stage": "train.zero_stage",
 }
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message is one line starting with the key."""
 
 
 @dataclass
@@ -141,76 +141,8 @@ class Recipe:
         os.replace(tmp, path)
 
 
-def find_recipe(name: str) -> Path:
-    """A path, or the name of a recipe shipped in recipes/pretrain/ (with or without .yaml)."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
-    from recur import RECIPES_DIR
-
-    for candidate in (RECIPES_DIR / "pretrain" / name, RECIPES_DIR / "pretrain" / f"{name}.yaml", RECIPES_DIR / name):
-        if candidate.is_file():
-            return candidate
-    shipped = sorted(p.stem for p in (RECIPES_DIR / "pretrain").glob("*.yaml") if not p.stem.startswith("_"))
-    raise RecipeError(f"recipe {name!r}: no such file, and not a shipped recipe (shipped: {', '.join(shipped)})")
-
-
-def read_yaml(path: Path, seen: tuple = ()) -> dict:
-    """The YAML mapping of a recipe file, with its `base:` chain merged under it."""
-    if path.resolve() in seen:
-        raise RecipeError(f"base: {path} includes itself")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise RecipeError(f"base: expected a path, got {base!r}")
-    base_path = (path.parent / base).resolve()
-    if not base_path.is_file():
-        raise RecipeError(f"base: {base!r} not found (relative to {path.parent})")
-    return deep_merge(read_yaml(base_path, seen + (path.resolve(),)), raw)
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "sources":
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`train.max_steps=20`, `data.tokenizer=byte`, `train.betas=[0.9,0.99]`: values are YAML."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise RecipeError(f"{item!r}: an override is dotted.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        node = raw
-        *parents, last = key.split(".")
-        for depth, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RecipeError(f"{'.'.join(parents[:depth + 1])}: is {child!r}, not a section, so {key} cannot be set")
-            node = child
-        node[last] = value
-    return raw
-
-
 def load_recipe(name: str, overrides: list[str] = (), world_size: int | None = None) -> Recipe:
-    path = find_recipe(name)
-    raw = apply_overrides(read_yaml(path), list(overrides))
+    raw, path = read_recipe(name, overrides)
     recipe = parse(raw, world_size)
     recipe.source = str(path) + (" with " + " ".join(overrides) if overrides else "")
     return recipe
@@ -221,16 +153,14 @@ def parse(raw: dict, world_size: int | None = None) -> Recipe:
     raw = dict(raw)
     sections = {"model": raw.pop("model", None), "data": raw.pop("data", None), "train": raw.pop("train", None),
                 "log": raw.pop("log", None)}
-    recipe = _typed(Recipe, raw, "", skip=("model", "data", "train", "log", "source"))
+    recipe = typed(Recipe, raw, "", skip=("model", "data", "train", "log", "source"))
     if sections["model"] is None or not isinstance(sections["model"], dict):
-        raise RecipeError("model: missing, or not a mapping (it needs at least `type: recur_gla` or another family)")
+        from recur.modeling import FAMILIES
+
+        raise RecipeError(f"model: missing, or not a mapping (it needs at least `type:`, one of {', '.join(FAMILIES)})")
     recipe.model = dict(sections["model"])
-    for name in ("train", "log"):
-        value = sections[name]
-        if value is not None and not isinstance(value, dict):
-            raise RecipeError(f"{name}: expected a mapping, got {value!r}")
-    recipe.train = _typed(TrainConfig, sections["train"] or {}, "train.")
-    recipe.log = _typed(LogConfig, sections["log"] or {}, "log.")
+    recipe.train = typed(TrainConfig, {} if sections["train"] is None else sections["train"], "train")
+    recipe.log = typed(LogConfig, {} if sections["log"] is None else sections["log"], "log")
     try:
         recipe.data = DataConfig.from_dict(sections["data"])
     except DataError as e:
@@ -313,6 +243,23 @@ def validate_model(model: dict) -> None:
         default = signature[key].default if key in signature else None
         if not _same_kind(default, value):
             raise RecipeError(f"model.{key}: expected {type(default).__name__} like the default {default!r}, got {value!r}")
+        if not _finite_like(default, value):
+            raise RecipeError(f"model.{key}: must be finite numbers, got {value!r}")
+
+
+def _numbers(value) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _numbers(v)]
+    return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def _finite_like(default, value) -> bool:
+    """No NaN; an infinity only where the default has one (Mamba-2's dt_limit is (0, inf))."""
+    numbers = _numbers(value)
+    if any(math.isnan(x) for x in numbers):
+        return False
+    allows_inf = default not in (None, inspect.Parameter.empty) and any(math.isinf(x) for x in _numbers(default))
+    return allows_inf or all(math.isfinite(x) for x in numbers)
 
 
 def _same_kind(default, value) -> bool:
@@ -334,34 +281,3 @@ def _same_kind(default, value) -> bool:
 def _positive(obj, key: str, prefix: str = "") -> None:
     if getattr(obj, key) < 1:
         raise RecipeError(f"{prefix}{key}: must be at least 1, got {getattr(obj, key)}")
-
-
-def _typed(cls, raw: dict, prefix: str, skip: tuple = ()):
-    """The dataclass from a mapping: unknown keys and wrong types are refused, naming the key.
-
-    A float may be written as an int, or as a string like "3e-4" (YAML 1.1 reads 3e-4 without a
-    dot as a string)."""
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in skip}
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise RecipeError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
-        want = fields[key].type if isinstance(fields[key].type, str) else fields[key].type.__name__
-        nullable = want.endswith("| None")
-        base = want.replace("| None", "").strip()
-        if value is None and nullable:
-            values[key] = None
-            continue
-        if base == "float" and isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = {"str": isinstance(value, str), "bool": isinstance(value, bool),
-              "int": isinstance(value, int) and not isinstance(value, bool),
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-              "dict": isinstance(value, dict), "list": isinstance(value, list)}.get(base, True)
-        if not ok:
-            raise RecipeError(f"{prefix}{key}: expected {want}, got {value!r}")
-        values[key] = float(value) if base == "float" else value
-    return cls(**values)

@@ -1,0 +1,132 @@
+"""The model and its DeepSpeed engine, built from a recipe.
+
+On GPU the engine computes in bf16 through DeepSpeed's `torch_autocast`, not its `bf16` section,
+which would cast every parameter, the recurrent decays included, to bf16: every parameter,
+gradient and optimizer state stays float32. Which parameters are rounding-sensitive each family
+declares (`_keep_in_fp32_modules_strict`); `check_fp32_parameters` holds the engine to it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from recur.config import RecipeError
+
+from .recipe import Recipe, deep_merge
+
+EXTENSIONS_DIR = "~/.cache/recur/torch_extensions"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, weights not finite); not a bad input."""
+
+
+def import_deepspeed():
+    """deepspeed, imported quietly: its CPU op is JIT-built once into a cache (a minute on 2 cores),
+    and without a GPU the accelerator is named so it does not warn before every message."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(EXTENSIONS_DIR))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+def model_config(recipe: Recipe, tokenizer):
+    """The family's config from the recipe; vocab and special tokens default to the tokenizer's."""
+    from transformers import AutoConfig
+
+    from recur.data import DataError, check_vocab
+
+    kwargs = {k: v for k, v in recipe.model.items() if k != "type"}
+    kwargs.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        kwargs.setdefault(name, getattr(tokenizer, name))
+    try:
+        config = AutoConfig.for_model(recipe.model["type"], **kwargs)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"model: {recipe.model['type']} refuses these settings: {e}") from None
+    try:
+        check_vocab(tokenizer, config.vocab_size)
+    except DataError as e:
+        raise RecipeError(f"model.vocab_size: {e}") from None
+    return config
+
+
+def build_model(recipe: Recipe, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank
+    model = AutoModelForCausalLM.from_config(config)
+    if recipe.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def resolve_precision(recipe: Recipe, device: torch.device) -> str:
+    if recipe.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return recipe.train.precision
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, precision: str) -> dict:
+    t = recipe.train
+    zero = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=int(1e5), stage3_max_live_parameters=int(1e9),
+                    stage3_max_reuse_distance=int(1e9))
+    config = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": recipe.accumulation_steps(world_size),
+        "gradient_clipping": t.grad_clip,  # explicit: DeepSpeed's default changed from 0 (off) to 1.0 in 0.19.3
+        "zero_optimization": zero,
+        "steps_per_print": 2**62,  # the trainer logs
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16",
+                                    "lower_precision_safe_modules": ["torch.nn.Linear"]}
+    return deep_merge(config, t.deepspeed)
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases, decays and other vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_fp32_parameters(model) -> list[str]:
+    """Names of the parameters the family keeps in float32; raises if any is not float32."""
+    from recur.modeling.family import fp32_parameter_names
+
+    names = fp32_parameter_names(model)
+    dtypes = dict(model.named_parameters())
+    wrong = [f"{n} ({dtypes[n].dtype})" for n in names if dtypes[n].dtype != torch.float32]
+    if wrong:
+        raise TrainingError(f"recurrent parameters must stay float32, got {', '.join(wrong[:4])}")
+    return names
+
+
+def build_engine(recipe: Recipe, config, device: torch.device, world_size: int):
+    """(DeepSpeed engine, precision): the model, AdamW (torch's, so nothing is JIT-built on CPU, unless
+    train.deepspeed names an optimizer) and ZeRO from the recipe."""
+    deepspeed = import_deepspeed()
+    t = recipe.train
+    model = build_model(recipe, config)
+    precision = resolve_precision(recipe, device)
+    ds_config = deepspeed_config(recipe, world_size, precision)
+    optimizer = parameters = None
+    if "optimizer" in ds_config:
+        parameters = optimizer_groups(model, t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                      eps=t.eps, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=parameters,
+                                           config=ds_config)
+    check_fp32_parameters(engine.module)
+    if t.compile:
+        engine.compile()
+    return engine, precision
