@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import DataConfig, DataError, SourceConfig
-from .sources import Problems, read_documents, source_files
+from .sources import Problems, no_documents, read_documents, source_files
 
 STATE_VERSION = 1
 _TOKENIZE_GROUP = 32  # documents tokenized in one call (the Rust tokenizer's per-call cost is then shared)
@@ -71,7 +71,8 @@ class DocumentStream:
                  slot: int, slots: int, problems: Problems, prepared=None):
         self.source, self.index, self.config, self.tokenizer = source, index, config, tokenizer
         self.split, self.slot, self.slots, self.problems, self.prepared = split, slot, slots, problems, prepared
-        self.files = prepared.files(index) if prepared is not None else source_files(source)
+        # (checked once in the main process, by PackedDataset: not again in every worker)
+        self.files = prepared.files(index) if prepared is not None else source_files(source, check=False)
         self.by_file = len(self.files) >= slots
 
     def file_order(self, epoch: int) -> list[int]:
@@ -84,7 +85,7 @@ class DocumentStream:
         """(index, text or tokens, cursor after it) of this slot's documents, from cursor c."""
         fraction = self.config.validation_fraction
         while True:
-            fresh, produced = (c.file, c.doc) == (0, 0), False
+            fresh, produced, read, skipped = (c.file, c.doc) == (0, 0), False, 0, self.problems.count
             order = self.file_order(c.epoch)
             while c.file < len(order):
                 path_index = order[c.file]
@@ -98,6 +99,7 @@ class DocumentStream:
                     docs = read_documents(path, self.source, self.problems, c.doc)
                 for doc_index, doc in docs:
                     c.doc = doc_index + 1
+                    read += 1
                     if in_validation(path, doc_index, fraction) != (self.split == "validation"):
                         continue
                     mine = self.by_file or c.seen % self.slots == self.slot
@@ -106,6 +108,9 @@ class DocumentStream:
                         produced = True
                         yield doc, dataclasses.replace(c)
                 c.file, c.doc = c.file + 1, 0
+            if fresh and not read:  # not a matter of ranks x workers: the files hold no document
+                mine = [self.files[i] for i in (order[self.slot::self.slots] if self.by_file else order)]
+                raise DataError(no_documents(self.source, mine, self.problems, self.problems.count - skipped))
             epochs = self.config.epochs if self.split == "train" else 1
             if epochs is not None and c.epoch + 1 >= epochs:
                 return
@@ -222,7 +227,7 @@ class PackedDataset(IterableDataset):
         self.config, self.tokenizer, self.split = config, tokenizer, split
         self.rank, self.world_size, self.prepared = rank, world_size, prepared
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if prepared is None:  # a missing source fails here, in the main process, not inside a worker
+        if prepared is None:  # a missing, empty, binary or non-UTF-8 source fails here, not inside a worker
             for source in config.sources:
                 source_files(source)
 

@@ -11,6 +11,7 @@ the first one). Hub datasets go through `datasets.load_dataset(..., streaming=Tr
 """
 from __future__ import annotations
 
+import codecs
 import functools
 import glob
 import inspect
@@ -30,8 +31,16 @@ _WIKI_OPEN = re.compile(rb"^<doc[ >]")
 _DOCSTRING = re.compile(r'^[ \t]*[rR]?"""(.*?)"""', re.S | re.M)
 
 
-def source_files(source: SourceConfig) -> list[str]:
-    """The files of a source, sorted; a clear error when there are none."""
+def source_files(source: SourceConfig, check: bool = True) -> list[str]:
+    """The files of a source, sorted; a clear error when there are none, or (check) when they hold no
+    text: empty, binary or not UTF-8 (see `check_files`)."""
+    files = _expand(source)
+    if check:
+        check_files(source, files)
+    return files
+
+
+def _expand(source: SourceConfig) -> list[str]:
     path, fmt = source.path, source.format
     if fmt == "builtin" or path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
@@ -57,6 +66,74 @@ def source_files(source: SourceConfig) -> list[str]:
     raise DataError(f"data source {path!r}: no such file or folder")
 
 
+_HEAD = 4096  # bytes of each file looked at before reading it
+_UNITS = {"text": "paragraphs", "jsonl": "lines", "wikiextractor": "documents"}  # records of the text formats
+_SCAN_RECORDS = 1000  # records looked at when the head has undecodable bytes
+
+
+def check_files(source: SourceConfig, files: list[str]) -> None:
+    """Name an empty, binary or non-UTF-8 local file up front, instead of an unexplained "no documents"
+    later. Cheap: it reads a few KB of each file (an undecodable byte deep in a big file is skipped and
+    warned about when read). Empty files are refused only when all of the source's are: one empty file
+    among many loses nothing, while a binary or non-UTF-8 one means the source picks up the wrong files."""
+    if source.format == "hub":
+        return
+    local = [f for f in files if not f.startswith("builtin:")]
+    single = local == [os.path.expanduser(source.path)]  # the source is the file: name it once
+    blank = []
+    for path in local:
+        fmt = file_format(path, source.format)
+        why = _blank(path, fmt)
+        if why:
+            blank.append(why if single else f"{path} {why}")
+        elif why := _not_text(path, source, fmt):
+            raise DataError(f"data source {source.path!r} {why}" if single else
+                            f"data source {source.path!r}: {path} {why}")
+    if local and len(blank) == len(local):
+        if single:
+            raise DataError(f"data source {source.path!r} {blank[0]}")
+        raise DataError(f"data source {source.path!r}: every one of its {len(blank)} files is empty "
+                        f"(first: {blank[0]})")
+
+
+def _blank(path: str, fmt: str) -> str | None:
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes)"
+    if fmt not in _UNITS:
+        return None
+    with open(path, "rb") as f:  # stops at the first chunk with text, i.e. at once for any real file
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return None
+    return f"is empty (only whitespace, {size} bytes)"
+
+
+def _not_text(path: str, source: SourceConfig, fmt: str) -> str | None:
+    if fmt not in _UNITS:
+        return None
+    with open(path, "rb") as f:
+        head = f.read(_HEAD)
+    if (nul := head.find(b"\0")) >= 0:  # text has no NUL bytes; binary files and UTF-16 have many
+        return f"is binary, not text (a NUL byte at byte {nul})"
+    try:  # final=False: a character cut at the end of the head is not an error
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        return None
+    except UnicodeDecodeError as e:
+        first = e.start
+    # Undecodable bytes near the top: an error only if no record decodes (a few bad ones are skipped).
+    tally, first_few = _Tally(), ""
+    try:
+        for _ in read_documents(path, source, tally):
+            return None
+    except _Tally.Enough:
+        first_few = "first "
+    records = f"its {first_few}{tally.count} {_UNITS[fmt]}"
+    if not tally.count or tally.undecodable < tally.count:
+        return None  # records skipped for other reasons too (malformed JSON, ...): the pipeline names them
+    return f"is not UTF-8 text (every one of {records} has undecodable bytes; first at byte {first})"
+
+
 def file_format(path: str, fmt: str) -> str:
     if path.startswith("builtin:"):
         return "builtin"
@@ -74,7 +151,7 @@ class Problems:
     """Counts skipped lines/documents; warns once per file, or raises at the first when strict."""
 
     def __init__(self, strict: bool):
-        self.strict, self.count, self.first, self.warned = strict, 0, None, set()
+        self.strict, self.count, self.first, self.last, self.warned = strict, 0, None, None, set()
         self._file_count = 0
 
     def skip(self, path: str, line: int, why: str) -> None:
@@ -83,6 +160,7 @@ class Problems:
         self.count += 1
         self._file_count += 1
         self.first = self.first or (path, line, why)
+        self.last = (path, line, why)
 
     def end_file(self, path: str) -> None:
         if self._file_count and path not in self.warned:
@@ -92,6 +170,38 @@ class Problems:
                           f"({self.count} in all so far; first: {file}:{line}: {why}); data.strict: true makes this an error",
                           stacklevel=2)
         self._file_count = 0
+
+
+class _Tally(Problems):
+    """Problems that only counts (no warning), and stops a scan after _SCAN_RECORDS skips."""
+
+    class Enough(Exception):
+        pass
+
+    def __init__(self):
+        super().__init__(strict=False)
+        self.undecodable = 0
+
+    def skip(self, path: str, line: int, why: str) -> None:
+        super().skip(path, line, why)
+        self.undecodable += why.startswith("undecodable")
+        if self.count >= _SCAN_RECORDS:
+            raise self.Enough
+
+    def end_file(self, path: str) -> None:
+        pass
+
+
+def no_documents(source: SourceConfig, files: list[str], problems: Problems, skipped: int) -> str:
+    """Why a source gave no document at all: the last record skipped, or only blank records."""
+    where = f" in {files[0]}" if len(files) == 1 else f" in its {len(files)} files"
+    if files == [os.path.expanduser(source.path)]:  # the source is the file: name it once
+        where = ""
+    if skipped:
+        file, line, why = problems.last
+        return (f"data source {source.path!r} has no usable document{where} "
+                f"({skipped} records skipped, the last {file}:{line}: {why})")
+    return f"data source {source.path!r} has no document{where} (its records are all blank)"
 
 
 def read_documents(path: str, source: SourceConfig, problems: Problems, start: int = 0) -> Iterator[tuple[int, str]]:

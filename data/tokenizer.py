@@ -4,21 +4,27 @@
 
 trains a byte-level BPE (tokenizers) or a Unigram model (sentencepiece, with byte fallback) on the
 same sources the trainer reads, and saves a folder `AutoTokenizer.from_pretrained` loads, with
-bos, eos and pad tokens.
+bos, eos and pad tokens. A text too small for the vocabulary asked is an error (a BPE ends with
+fewer than 90% of --vocab-size tokens; sentencepiece cannot make --vocab-size pieces) unless
+--allow-smaller, which keeps the smaller vocabulary with a warning.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import os
+import re
+import sys
 import tempfile
+import warnings
 from typing import Iterable
 
 from ..files import atomic_folder
 from .config import DataError, SourceConfig
-from .sources import Problems, read_documents, source_files
+from .sources import Problems, no_documents, read_documents, source_files
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+MIN_VOCAB_SHARE = 0.9  # a trained vocabulary below this share of the size asked: an error (--allow-smaller: a warning)
 
 
 def byte_tokenizer():
@@ -65,27 +71,60 @@ def check_vocab(tokenizer, vocab_size: int) -> None:
 
 
 def iter_texts(sources: list[SourceConfig], strict: bool = False, max_chars: int | None = None) -> Iterable[str]:
+    """The documents of every source in order; a source that gives none is an error naming why."""
     problems, chars = Problems(strict), 0
     for source in sources:
-        for path in source_files(source):
+        files, found, skipped = source_files(source), 0, problems.count
+        for path in files:
             for _, text in read_documents(path, source, problems):
                 yield text
+                found += 1
                 chars += len(text)
                 if max_chars and chars >= max_chars:
                     return
+        if not found:
+            raise DataError(no_documents(source, files, problems, problems.count - skipped))
 
 
 def train_tokenizer(sources: list[SourceConfig], vocab_size: int, kind: str, out: str,
-                    max_chars: int | None = None) -> None:
+                    max_chars: int | None = None, allow_smaller: bool = False) -> None:
     """Train and save atomically: a folder is either complete or not there."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"output folder {out!r} is a file")
     if os.path.exists(out) and os.listdir(out):
         raise DataError(f"output folder {out!r} exists and is not empty")
     if vocab_size < 300:
         raise DataError(f"--vocab-size {vocab_size} is too small: the 256 bytes and 3 special tokens need 259")
-    texts = iter_texts(sources, max_chars=max_chars)
-    tokenizer = _train_bpe(texts, vocab_size) if kind == "bpe" else _train_unigram(texts, vocab_size)
-    with atomic_folder(out) as tmp:
-        tokenizer.save_pretrained(tmp)
+    failed = []  # what the texts raised: sentencepiece turns it into a RuntimeError of its own
+
+    def texts():
+        try:
+            yield from iter_texts(sources, max_chars=max_chars)
+        except BaseException as e:
+            failed.append(e)
+            raise
+
+    try:
+        if kind == "bpe":
+            tokenizer = _train_bpe(texts(), vocab_size)
+        else:
+            tokenizer = _train_unigram(texts(), vocab_size, allow_smaller)
+    except BaseException:
+        if failed:
+            raise failed[0] from None
+        raise
+    if len(tokenizer) < MIN_VOCAB_SHARE * vocab_size:
+        message = (f"--vocab-size {vocab_size}: the text gives only {len(tokenizer)} tokens "
+                   f"(below {MIN_VOCAB_SHARE:.0%} of the size asked)")
+        if not allow_smaller:
+            raise DataError(f"{message}; give more text or a smaller --vocab-size, or --allow-smaller to keep it")
+        warnings.warn(f"{message}; kept, as --allow-smaller asks", stacklevel=2)
+    try:
+        with atomic_folder(out) as tmp:
+            tokenizer.save_pretrained(tmp)
+    except OSError as e:  # a parent that is a file, no permission, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        raise DataError(f"output folder {out!r}: cannot write it ({where}{e.strerror or e})") from e
 
 
 def _train_bpe(texts, vocab_size):
@@ -101,17 +140,29 @@ def _train_bpe(texts, vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
 
 
-def _train_unigram(texts, vocab_size):
+def _train_unigram(texts, vocab_size, allow_smaller=False):
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     model = io.BytesIO()
     # byte_fallback: no text is ever out of vocabulary. ids 0-3 are the specials, as Llama's.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=(line for text in texts for line in text.splitlines() if line.strip()),
-        model_writer=model, vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece=SPECIALS["bos_token"],
-        eos_piece=SPECIALS["eos_token"], pad_piece=SPECIALS["pad_token"], character_coverage=1.0, minloglevel=2)
+    # hard_vocab_limit off: sentencepiece makes as many pieces as the text allows, up to vocab_size.
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(line for text in texts for line in text.splitlines() if line.strip()),
+            model_writer=model, vocab_size=vocab_size, model_type="unigram", byte_fallback=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, unk_piece="<unk>", bos_piece=SPECIALS["bos_token"],
+            eos_piece=SPECIALS["eos_token"], pad_piece=SPECIALS["pad_token"], character_coverage=1.0,
+            minloglevel=2, hard_vocab_limit=not allow_smaller)
+    except RuntimeError as e:  # "INTERNAL: ... Vocabulary size too high (5000). Please set it to a value <= 288."
+        if "KeyboardInterrupt" in str(e):  # Ctrl-C while sentencepiece was reading the texts
+            raise KeyboardInterrupt from None
+        most = re.search(r"Vocabulary size (?:is )?too high.*?<= *(\d+)", str(e))
+        if most:
+            raise DataError(f"--vocab-size {vocab_size} is too high for this text: sentencepiece can make at most "
+                            f"{most.group(1)} unigram pieces; give more text or a smaller --vocab-size, "
+                            f"or --allow-smaller to keep fewer") from None
+        raise DataError(f"sentencepiece cannot train on this text: {str(e).strip().splitlines()[0]}") from e
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(model.getvalue())
@@ -127,12 +178,22 @@ def main(argv=None) -> int:
     parser.add_argument("--kind", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument("--text-field", default="text", help="jsonl / parquet field holding the text")
     parser.add_argument("--max-chars", type=int, default=None, help="stop reading after this many characters")
+    parser.add_argument("--allow-smaller", action="store_true",
+                        help=f"keep a vocabulary below {MIN_VOCAB_SHARE * 100:.0f}%% of --vocab-size (a text too "
+                             "small for it), with a warning, instead of stopping")
     args = parser.parse_args(argv)
     sources = [SourceConfig(path=s, text_field=args.text_field) for s in args.sources]
+    # Bad input raises DataError: the recur command prints it as one line and exits 2.
     try:
-        train_tokenizer(sources, args.vocab_size, args.kind, args.out, args.max_chars)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    tokenizer = load_tokenizer(args.out)
+        with warnings.catch_warnings():  # one line each, as the errors, not warnings' two with a source line
+            warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+            print(f"training a {args.kind} tokenizer of {args.vocab_size} tokens on {', '.join(args.sources)}",
+                  file=sys.stderr, flush=True)
+            train_tokenizer(sources, args.vocab_size, args.kind, args.out, args.max_chars, args.allow_smaller)
+        tokenizer = load_tokenizer(args.out)
+    except KeyboardInterrupt:  # no traceback, and no half-written folder: atomic_folder removes its temporary one
+        written = os.path.isdir(args.out) and os.listdir(args.out)  # (if it came after the folder was complete)
+        print("interrupted" if written else f"interrupted: nothing written to {args.out}", file=sys.stderr)
+        return 130
     print(f"saved a {args.kind} tokenizer with {len(tokenizer)} tokens to {args.out}")
     return 0

@@ -153,11 +153,29 @@ class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
     def __init__(self, config):
         super().__init__(config)
         self.model = self.base_model_class(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # as many outputs as embedding rows (a family may pad its vocabulary, as Mamba-2 does)
+        self.lm_head = nn.Linear(config.hidden_size, self.model.get_input_embeddings().num_embeddings, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
         return self.model.embeddings
+
+    def generate(self, inputs=None, *args, **kwargs):
+        """transformers' generate, after checking the prompt: an empty one, or ids without an
+        embedding row, would otherwise fail deep inside (an IndexError in the embedding, a CUDA assert)."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if torch.is_tensor(ids) and not ids.is_floating_point():
+            if ids.numel() == 0 and kwargs.get("inputs_embeds") is None:
+                raise ValueError(f"generate: the prompt is empty (input_ids of shape {list(ids.shape)}); "
+                                 "give at least one token per row")
+            rows = self.get_input_embeddings().num_embeddings
+            low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+            if low < 0 or high >= rows:
+                sizes = f"vocab_size {self.config.vocab_size}" + (
+                    f", the embedding has {rows} rows" if rows != self.config.vocab_size else "")
+                raise ValueError(f"generate: input_ids holds token id {low if low < 0 else high}, "
+                                 f"outside [0, {rows}) ({sizes})")
+        return super().generate(inputs, *args, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
