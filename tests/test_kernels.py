@@ -424,6 +424,7 @@ print("OK")
 """
 
 
+@pytest.mark.slow  # the Triton interpreter in a subprocess
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None or importlib.util.find_spec("triton") is None,
                     reason="needs flash-linear-attention and triton")
 def test_fla_fused_recurrent_steps_in_the_triton_interpreter():

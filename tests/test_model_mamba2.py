@@ -147,6 +147,7 @@ def test_paper_init_after_from_config():
     assert abs(model.model.embeddings.weight.std() - 0.02) < 0.002
 
 
+@pytest.mark.slow  # trains a model for many steps
 def test_tiny_model_learns_english_text():
     from pydoc_data.topics import topics
 

@@ -114,6 +114,7 @@ def reference(weights, tokens, tmp_path_factory):
                             tmp_path_factory.mktemp("rwkv6") / "RWKV-x060-tiny.pth")
 
 
+@pytest.mark.slow  # the `reference` fixture runs BlinkDL's package token by token, ~25 s
 @pytest.mark.parametrize("T", [1, 40, 130])
 def test_logits_match_blinkdl_rwkv_package(weights, tokens, reference, T):
     config, converted = from_blinkdl(weights)
@@ -125,6 +126,7 @@ def test_logits_match_blinkdl_rwkv_package(weights, tokens, reference, T):
     assert (ours - reference[:T]).abs().max() <= 1e-4
 
 
+@pytest.mark.slow  # the `reference` fixture, ~25 s
 def test_decoding_token_by_token_matches_blinkdl_rwkv_package(weights, tokens, reference):
     model = load(*from_blinkdl(weights))
     cache, logits = None, []
@@ -196,6 +198,7 @@ def test_conversion_refuses_other_families_and_the_other_layout(weights):
         from_blinkdl(hf_state_dict(weights))
 
 
+@pytest.mark.slow  # trains a model for many steps
 def test_tiny_model_learns_english_text():
     from pydoc_data.topics import topics
 

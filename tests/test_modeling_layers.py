@@ -35,10 +35,21 @@ def test_gated_rms_norm_by_groups(norm_before_gate):
     torch.testing.assert_close(norm(x, z), expected)
 
 
-def test_swiglu():
+def test_swiglu_matches_llama_mlp_and_the_formula():
+    """SwiGLU against transformers' LlamaMLP with the same weights, and against
+    W_down (g / (1 + exp(-g)) * W_up x), g = W_gate x, written out in float64."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
     mlp = SwiGLU(6, 10).double()
-    x = torch.randn(2, 6, dtype=torch.float64)
-    torch.testing.assert_close(mlp(x), mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    llama = LlamaMLP(LlamaConfig(hidden_size=6, intermediate_size=10, num_attention_heads=1, num_key_value_heads=1,
+                                 hidden_act="silu", mlp_bias=False)).double()
+    llama.load_state_dict(mlp.state_dict())  # the same names: gate_proj, up_proj, down_proj
+    torch.testing.assert_close(mlp(x), llama(x))
+    gate, up = x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T
+    expected = (gate / (1 + torch.exp(-gate)) * up) @ mlp.down_proj.weight.T
+    torch.testing.assert_close(mlp(x), expected)
 
 
 def _conv():

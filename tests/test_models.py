@@ -1,40 +1,27 @@
 """Every recur model family as a transformers model: Auto classes, save/load, cached generation,
 padding, packed documents, chunked prefill, gradient checkpointing, dtypes, torch.compile."""
+import collections
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import recur  # noqa: F401  registers the families
+from recur.modeling.family import tiny_configs
 
-TINY = {
-    "recur_gla": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_heads=2, gate_low_rank_dim=8,
-                      intermediate_size=96),
-    "recur_hgrn2": dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, expand_ratio=16, intermediate_size=96),
-    "recur_mamba2": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, d_state=16, headdim=12, ngroups=2,
-                         chunk_size=16),
-    "recur_rwkv6": dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, head_size=32, intermediate_size=128,
-                        time_mix_low_rank_dim=8, time_decay_low_rank_dim=8),
-    # window 6 < the longer test sequences, so the window cache is exercised
-    "recur_griffin": dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, intermediate_size=64,
-                          num_attention_heads=4, lru_width=64, attention_window_size=6, logits_soft_cap=30.0),
-    "recur_griffin/hawk": dict(model_type="recur_griffin", vocab_size=101, hidden_size=48, num_hidden_layers=2,
-                               intermediate_size=64, num_attention_heads=4, block_types=["recurrent"],
-                               logits_soft_cap=0.0, embeddings_scale_by_sqrt_dim=False),
-    # memory chunk 4, MAC segment 8, window 6: the test sequences cross several of each
-    **{f"recur_titans/{variant}": dict(model_type="recur_titans", variant=variant, vocab_size=101, hidden_size=32,
-                                       num_hidden_layers=2, num_heads=2, intermediate_size=64, memory_depth=2,
-                                       memory_chunk_size=4, segment_len=8, attention_window_size=6,
-                                       num_persistent_tokens=2)
-       for variant in ("mac", "mag", "mal", "lmm")},
-}
+TINY = tiny_configs()  # every family's declared test configs: id -> (model_type, kwargs)
 FAMILIES = sorted(TINY)
+# Titans' attention variants take 5-20 s per generation or backward test on 2 CPU cores: in those tests they
+# run in the slow tier (LMM, the memory alone, stays in the fast one; test_titans.py checks the memory fast).
+SLOW_FAMILIES = ("recur_titans/mac", "recur_titans/mag", "recur_titans/mal")
+FAMILIES_SLOW_MARKED = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f for f in FAMILIES]
 
 
 def tiny_model(family, seed=0, **overrides):
-    """family: a key of TINY (a model type, or model_type/variant with the type in the entry)."""
+    """family: an id of TINY (`model_type` or `model_type/variant`)."""
     torch.manual_seed(seed)
-    settings = {**TINY[family], **overrides}
-    config = AutoConfig.for_model(settings.pop("model_type", family), **settings)
+    model_type, settings = TINY[family]
+    config = AutoConfig.for_model(model_type, **{**settings, **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     # Random gates, not the zero-ish init: decays and outputs then differ by position, which tests need.
     with torch.no_grad():
@@ -51,7 +38,7 @@ def ids(*shape, seed=1, vocab=101):
 def test_auto_classes_and_save_load_round_trip(family, tmp_path):
     model = tiny_model(family)
     assert type(model).__name__.endswith("ForCausalLM")
-    assert model.config.model_type == TINY[family].get("model_type", family)
+    assert model.config.model_type == TINY[family][0]
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -61,6 +48,40 @@ def test_auto_classes_and_save_load_round_trip(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_config_fields_mean_the_same_when_written_and_read(family):
+    config = tiny_model(family).config
+    again = type(config)(**config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    config.vocab_size = 97  # set after construction, as resize_token_embeddings does
+    assert type(config)(**config.to_dict()).vocab_size == 97
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_after_resize_token_embeddings(family, tmp_path):
+    model = tiny_model(family)
+    model.resize_token_embeddings(97)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.vocab_size == model.config.vocab_size
+    assert loaded.get_input_embeddings().num_embeddings == model.get_input_embeddings().num_embeddings >= 97
+    x = ids(2, 9, vocab=97)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loading_in_bf16_keeps_the_declared_parameters_float32(family, tmp_path):
+    """`_keep_in_fp32_modules_strict`: what the trainer checks is what transformers' loading keeps."""
+    from recur.modeling.family import fp32_parameter_names
+
+    tiny_model(family).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    keep = set(fp32_parameter_names(loaded))
+    for name, p in loaded.named_parameters():
+        assert p.dtype == (torch.float32 if name in keep else torch.bfloat16), name
+
+
+@pytest.mark.parametrize("family", FAMILIES_SLOW_MARKED)
 def test_cached_greedy_equals_uncached_and_cache_stays_small(family):
     model = tiny_model(family)
     prompt = ids(2, 7)
@@ -76,7 +97,7 @@ def test_cached_greedy_equals_uncached_and_cache_stays_small(family):
     assert size(short) == size(long) and long.get_seq_length() == 7
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES_SLOW_MARKED)
 def test_left_padded_batch_generates_what_each_prompt_does_alone(family):
     model = tiny_model(family)
     prompts = [ids(1, 3, seed=2), ids(1, 8, seed=3)]
@@ -120,16 +141,38 @@ def test_packed_documents_equal_documents_one_by_one(family):
     torch.testing.assert_close(both[0], out.logits[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES_SLOW_MARKED)
 def test_gradient_checkpointing_gives_the_same_gradients(family):
-    grads = []
+    """The trainer's build_model with train.activation_checkpointing on and off, the same weights: with it,
+    every block's layers run again during backward and fewer tensors are saved; the gradients are the same."""
+    from recur.train.engine import build_model
+    from recur.train.recipe import Recipe, TrainConfig
+
+    weights = tiny_model(family)
+    x = ids(2, 20)
+    grads, saved, rerun = [], [], []
     for checkpointing in (False, True):
-        model = tiny_model(family).train()
-        if checkpointing:
-            model.activation_checkpointing_enable()
-        x = ids(2, 20)
-        model(x, labels=x, use_cache=False).loss.backward()
+        recipe = Recipe(model={"type": weights.config.model_type},
+                        train=TrainConfig(activation_checkpointing=checkpointing))
+        model = build_model(recipe, weights.config)
+        model.load_state_dict(weights.state_dict())
+        model.train()
+        calls = [collections.Counter() for _ in model.model.layers]  # per block: layer calls in forward, backward
+        phase = ["forward"]
+        for block, counter in zip(model.model.layers, calls):
+            for layer in block.modules():  # (the block's own hooks run outside the checkpoint, its layers' inside)
+                if layer is not block:
+                    layer.register_forward_pre_hook(lambda *_, counter=counter: counter.update(phase))
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t):
+            loss = model(x, labels=x, use_cache=False).loss
+        phase[0] = "backward"
+        loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        saved.append(len(packed))
+        rerun.append([counter["backward"] for counter in calls])
+    assert rerun[0] == [0] * len(rerun[0]) and all(n > 0 for n in rerun[1]), rerun  # recomputed in backward
+    assert saved[1] < saved[0], saved
     torch.testing.assert_close(grads[1], grads[0])
 
 
@@ -144,15 +187,24 @@ def test_bf16_forward_close_to_fp32(family):
     assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_torch_compile_of_the_forward(family):
+    """The whole forward is one graph for every family (no graph break: torch._dynamo.explain counts
+    them, and fullgraph=True would refuse one), and the compiled logits equal eager's."""
     model = tiny_model(family)
     x = ids(2, 20)
-    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x, use_cache=False)
+    where = [f"{r.user_stack[-1].name}: {r.reason.splitlines()[0]}" for r in explanation.break_reasons]
+    print(f"\n{family}: {explanation.graph_break_count} graph breaks {sorted(set(where))}")
+    assert explanation.graph_break_count == 0, where
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, use_cache=False).logits, model(x, use_cache=False).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_layer_model_learns_real_text(family):
     """50 AdamW steps on English text that ships with Python (the reference manual): the loss falls."""

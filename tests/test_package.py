@@ -1,6 +1,7 @@
 """The package itself: imports without a GPU, the command line, the installed files, the README's main job."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import zipfile
@@ -17,6 +18,7 @@ def _python(code, **env):
                           env={**os.environ, **env}, timeout=300)
 
 
+@pytest.mark.slow  # a Python subprocess importing the whole package
 def test_import_needs_no_gpu_and_loads_no_heavy_library():
     """`import recur` works with CUDA hidden and does not import fla or deepspeed (transformers brings triton)."""
     r = _python("import sys, recur, recur.kernels, recur.modeling, recur.train, recur.data, recur.eval\n"
@@ -26,6 +28,7 @@ def test_import_needs_no_gpu_and_loads_no_heavy_library():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow  # a subprocess importing fla and triton
 def test_fla_and_triton_import_without_a_gpu_driver():
     """With fla and triton installed but no driver, our GPU modules still import; auto picks the CPU path."""
     pytest.importorskip("fla", reason="flash-linear-attention is not installed")
@@ -35,10 +38,27 @@ def test_fla_and_triton_import_without_a_gpu_driver():
     assert r.returncode == 0, r.stderr
 
 
-def test_recipes_and_slurm_folders_are_found_by_the_installed_code():
-    assert recur.RECIPES_DIR.is_dir() and recur.SLURM_DIR.is_dir()
+def test_recipes_and_slurm_folders_are_found_by_the_installed_code(tmp_path, monkeypatch):
+    """Every recipe file in recur.RECIPES_DIR/pretrain loads by its name from any folder, the names that
+    `recur train` offers for an unknown one are exactly those files, and recur.SLURM_DIR holds its README."""
+    from recur.train.recipe import RecipeError, find_recipe, load_recipe
+
+    monkeypatch.chdir(tmp_path)  # found through the package, not through the working folder
+    folder = recur.RECIPES_DIR / "pretrain"
+    names = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+    families = ("gla", "hgrn2", "mamba2", "rwkv6", "griffin", "hawk", "titans")
+    assert {"quickstart", *(f"{f}-tiny" for f in families)} <= set(names), names  # the README's recipes
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.source == str(folder / f"{name}.yaml")
+        assert recipe.model["type"].startswith("recur_") and recipe.train.max_steps > 0
+    with pytest.raises(RecipeError, match=r"not a shipped recipe \(shipped: .*\)$") as refused:
+        find_recipe("no-such-recipe")
+    assert refused.value.args[0].split("(shipped: ")[1][:-1].split(", ") == names
+    assert "recur.SLURM_DIR" in (recur.SLURM_DIR / "README.md").read_text()  # (the templates come later)
 
 
+@pytest.mark.slow  # builds the wheel
 def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(tmp_path), ROOT], capture_output=True, text=True, timeout=300)
@@ -49,11 +69,13 @@ def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
     for sub in ["kernels", "modeling", "train", "data", "eval"] + [f"modeling/{f}" for f in families]:
         assert f"recur/{sub}/__init__.py" in names
     assert "recur/kernels/chunk.py" in names and "recur/cli.py" in names
-    assert any(n.startswith("recur/recipes/") for n in names)
-    assert any(n.startswith("recur/slurm/") for n in names)
+    recipes = sorted(p.relative_to(ROOT).as_posix() for p in pathlib.Path(ROOT, "recipes").rglob("*") if p.is_file())
+    assert recipes and all(f"recur/{r}" in names for r in recipes), recipes  # every recipe file and README
+    assert "recur/slurm/README.md" in names
     assert not any(n.startswith("recur/tests/") for n in names)
 
 
+@pytest.mark.slow  # three `recur` subprocesses
 def test_command_line_lists_its_jobs():
     r = subprocess.run([sys.executable, "-m", "recur.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "bench" in r.stdout
@@ -64,6 +86,7 @@ def test_command_line_lists_its_jobs():
     assert r.returncode == 2 and "required: recipe" in r.stderr
 
 
+@pytest.mark.slow  # recur quickstart: DeepSpeed training in subprocesses
 def test_quickstart_runs_end_to_end(tmp_path):
     """The README's main job, shortened (a smaller model, 12 steps): tokenizer, 2-process ZeRO-2 training,
     export, held-out perplexity against the unigram model, a sample, the summary table; run again, it
@@ -89,6 +112,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert again.stdout.count("| held-out perplexity |") == 1
 
 
+@pytest.mark.slow  # recur bench kernels in a subprocess
 def test_kernel_benchmark_prints_a_table():
     r = subprocess.run([sys.executable, "-m", "recur.cli", "bench", "kernels", "--lengths", "64", "128",
                         "--repeats", "1"], capture_output=True, text=True, timeout=600)

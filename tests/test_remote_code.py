@@ -35,6 +35,7 @@ print("OK", type(model).__name__, greedy.shape[1])
 """
 
 
+@pytest.mark.slow  # a Python subprocess per family
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_saved_folder_loads_without_recur(family, tmp_path):
     torch.manual_seed(0)

@@ -133,6 +133,7 @@ def interpreter_errors():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the Triton interpreter in a subprocess, every case
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpreter_matches_loop(case, interpreter_errors):
     tol = TOLERANCE[CASES[case][5].get("dtype", torch.float32)]

@@ -60,7 +60,7 @@ def build_model(recipe: Recipe, config):
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     model = AutoModelForCausalLM.from_config(config)
     if recipe.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
