@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import sys
 
 from recur.config import UserError
@@ -26,9 +27,19 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
+def quiet_deepspeed() -> None:
+    """Without a GPU, name DeepSpeed's accelerator: otherwise every command that imports it (through
+    accelerate, lm-eval or the trainer) prints a warning before its own output."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     keep_freed_memory()
+    quiet_deepspeed()
     parser = argparse.ArgumentParser(prog="recur", description="Pretrain recurrent language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("quickstart", help="pretrain a 5.5M-parameter recurrent LM on CPU with 2 processes (~5 min), "
@@ -39,6 +50,10 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("convert", help="convert an official checkpoint (fla, transformers, BlinkDL) to recur",
                    add_help=False)
+    sub.add_parser("eval", help="lm-eval tasks or long-context probes on a checkpoint or any causal LM (offline)",
+                   add_help=False)
+    sub.add_parser("push", help="push a model (exported from a checkpoint if need be) to the Hugging Face Hub, "
+                   "with a model card", add_help=False)
     tokenizer = sub.add_parser("tokenizer", help="tokenizers")
     tokenizer.add_subparsers(dest="tokenizer", metavar="WHAT", required=True).add_parser(
         "train", help="train a byte-level BPE or Unigram tokenizer on data sources", add_help=False)
@@ -61,6 +76,10 @@ def main(argv=None) -> int:
         from recur.train.checkpoint import main as job
     elif args.command == "convert":
         from recur.modeling.convert import main as job
+    elif args.command == "eval":
+        from recur.eval.harness import main as job
+    elif args.command == "push":
+        from recur.eval.hub import main as job
     elif args.command == "tokenizer":
         from recur.data.tokenizer import main as job
     elif args.command == "data":

@@ -331,18 +331,12 @@ class Checkpointer:
 
 # ----------------------------------------------------------------------------------------- export
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
-    """A transformers folder from a checkpoint, any ZeRO stage; verified first, written atomically."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output {out} is a file: choose a new folder")
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"output folder {out} exists and is not empty")
-    root, tag = resolve(checkpoint)
+def load_model(root: Path, tag: str):
+    """(model in float32 and eval mode, tokenizer) from a verified checkpoint of any ZeRO stage, in memory."""
     verified(root, tag)
     folder = root / tag
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import recur  # noqa: F401  registers the families
 
@@ -360,15 +354,27 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not match {config.model_type}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    return model.eval(), AutoTokenizer.from_pretrained(folder / "tokenizer")
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    """A transformers folder from a checkpoint, any ZeRO stage; verified first, written atomically."""
+    from transformers import GenerationConfig
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} is a file: choose a new folder")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"output folder {out} exists and is not empty")
+    root, tag = resolve(checkpoint)
+    model, tokenizer = load_model(root, tag)
     generation = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
     with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         generation.save_pretrained(tmp)
-        (tmp / "recur_checkpoint.json").write_text(json.dumps({"checkpoint": str(folder.resolve()),
+        (tmp / "recur_checkpoint.json").write_text(json.dumps({"checkpoint": str((root / tag).resolve()),
                                                                **read_state(root, tag)}, indent=1))
     return out
 

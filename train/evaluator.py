@@ -22,7 +22,8 @@ def to_device(batch: dict, device) -> dict:
 class Evaluator:
     """Validation loss every `eval_every` steps (and at the last step). This rank's held-out batches
     are read once, at the first evaluation, and kept: the same set every time, as many on every rank
-    (a streamed source's held-out documents are few and far between)."""
+    (a streamed source's held-out documents are few and far between). With `eval.tasks`, rank 0 then
+    runs lm-eval on the live model through `recur eval`'s own code while the other ranks wait."""
 
     def __init__(self, recipe, tokenizer, env, device):
         self.recipe, self.tokenizer, self.env, self.device = recipe, tokenizer, env, device
@@ -64,4 +65,32 @@ class Evaluator:
         engine.train()
         total, count = all_reduce([total.item(), count], self.device)
         loss = total / count if count else math.nan
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
+        record = {"val_loss": loss, "val_ppl": math.exp(min(loss, 700))}
+        if self.recipe.eval.tasks:
+            record.update(self.lm_eval(engine.module))
+        return record
+
+    def lm_eval(self, model) -> dict:
+        """`task/metric` -> value of the recipe's eval.tasks, computed on rank 0 (ZeRO 1/2: whole weights)."""
+        import torch.distributed as dist
+
+        record = {}
+        if self.env.is_main:
+            from pathlib import Path
+
+            from recur.eval.harness import evaluate, flat_metrics
+            from recur.eval.tasks import default_data_dir
+
+            e = self.recipe.eval
+            data_dir = Path(e.data_dir).expanduser() if e.data_dir else default_data_dir()
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                results = evaluate(model, self.tokenizer, list(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit,
+                                   batch_size=e.batch_size, max_length=self.recipe.data.seq_len,
+                                   include_paths=[Path(p).expanduser() for p in e.include_path], data_dir=data_dir,
+                                   device=str(self.device))
+            model.train(was_training)
+            record = flat_metrics(results)
+        dist.barrier()
+        return record

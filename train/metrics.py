@@ -63,9 +63,9 @@ class MetricsLogger:
         self.file.flush()
         if self.tensorboard is not None and "event" not in record:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"val/{key}" if key.startswith("val") else f"train/{key}", value,
-                                                record["step"])
+                if key != "step" and isinstance(value, (int, float)):  # lm-eval metrics are task/metric already
+                    name = key if "/" in key else f"val/{key}" if key.startswith("val") else f"train/{key}"
+                    self.tensorboard.add_scalar(name, value, record["step"])
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 

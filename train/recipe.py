@@ -38,6 +38,13 @@ A recipe (every key but model.type and train.max_steps has a default):
       keep_checkpoints: 3       # keep the last K
       max_bad_steps: 5          # stop after this many non-finite steps in a row
       deepspeed: {}             # merged into the generated DeepSpeed config (e.g. an "optimizer" section)
+    eval:                       # lm-eval tasks during training, on rank 0, at every eval_every (recur eval's code)
+      tasks: []                 # lm-eval task names; lambada_openai, wikitext, piqa, hellaswag from data_dir
+      limit: null               # documents per task (keep it small: it runs inside training)
+      num_fewshot: null
+      batch_size: 8
+      include_path: []          # folders of task YAMLs (lm-eval's --include_path)
+      data_dir: null            # local files of the standard tasks (null: ../shared/data when it exists)
     log:
       progress: true            # a progress bar on rank 0
       tensorboard: true
@@ -59,7 +66,7 @@ import yaml
 from recur.config import RecipeError, apply_overrides, deep_merge, find_recipe, read_recipe, typed
 from recur.data import DataConfig, DataError
 
-__all__ = ["Recipe", "TrainConfig", "LogConfig", "RecipeError", "load_recipe", "parse", "validate",
+__all__ = ["Recipe", "TrainConfig", "LogConfig", "EvalConfig", "RecipeError", "load_recipe", "parse", "validate",
            "apply_overrides", "deep_merge", "find_recipe"]
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -102,6 +109,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list = field(default_factory=list)
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    include_path: list = field(default_factory=list)
+    data_dir: str | None = None
+
+
+@dataclass
 class LogConfig:
     progress: bool = True
     tensorboard: bool = True
@@ -121,6 +138,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     source: str = ""  # the file it came from (not a recipe key)
 
     def accumulation_steps(self, world_size: int) -> int:
@@ -128,8 +146,9 @@ class Recipe:
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
-        out["data"], out["train"], out["log"] = (self.data.to_dict(), dataclasses.asdict(self.train),
-                                                 dataclasses.asdict(self.log))
+        out["data"], out["train"], out["log"], out["eval"] = (
+            self.data.to_dict(), dataclasses.asdict(self.train), dataclasses.asdict(self.log),
+            dataclasses.asdict(self.eval))
         out["model"] = dict(self.model)
         return out
 
@@ -151,9 +170,8 @@ def load_recipe(name: str, overrides: list[str] = (), world_size: int | None = N
 def parse(raw: dict, world_size: int | None = None) -> Recipe:
     """Check every key and type, then the combinations; world_size (if known) checks the batch split."""
     raw = dict(raw)
-    sections = {"model": raw.pop("model", None), "data": raw.pop("data", None), "train": raw.pop("train", None),
-                "log": raw.pop("log", None)}
-    recipe = typed(Recipe, raw, "", skip=("model", "data", "train", "log", "source"))
+    sections = {name: raw.pop(name, None) for name in ("model", "data", "train", "log", "eval")}
+    recipe = typed(Recipe, raw, "", skip=("model", "data", "train", "log", "eval", "source"))
     if sections["model"] is None or not isinstance(sections["model"], dict):
         from recur.modeling import FAMILIES
 
@@ -161,6 +179,7 @@ def parse(raw: dict, world_size: int | None = None) -> Recipe:
     recipe.model = dict(sections["model"])
     recipe.train = typed(TrainConfig, {} if sections["train"] is None else sections["train"], "train")
     recipe.log = typed(LogConfig, {} if sections["log"] is None else sections["log"], "log")
+    recipe.eval = typed(EvalConfig, {} if sections["eval"] is None else sections["eval"], "eval")
     try:
         recipe.data = DataConfig.from_dict(sections["data"])
     except DataError as e:
@@ -183,6 +202,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
     if recipe.eval_every and recipe.data.validation_fraction <= 0:
         raise RecipeError("eval_every: needs a validation split, but data.validation_fraction is 0")
     validate_model(recipe.model)
+    validate_eval(recipe)
     if t.max_steps < 1:
         raise RecipeError(f"train.max_steps: must be at least 1, got {t.max_steps}")
     for key in ("global_batch", "micro_batch", "log_every", "save_every", "keep_checkpoints", "max_bad_steps"):
@@ -219,6 +239,26 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
         section = t.deepspeed.get(head)
         if (head in t.deepspeed and not tail) or (tail and isinstance(section, dict) and tail in section):
             raise RecipeError(f"train.deepspeed.{key}: set by the trainer; use {use}")
+
+
+def validate_eval(recipe: Recipe) -> None:
+    e = recipe.eval
+    if not e.tasks:
+        return
+    if not all(isinstance(t, str) and t for t in e.tasks):
+        raise RecipeError(f"eval.tasks: expected a list of lm-eval task names, got {e.tasks!r}")
+    if not recipe.eval_every:
+        raise RecipeError("eval.tasks: set eval_every (the tasks run at every evaluation)")
+    if recipe.train.zero_stage == 3:
+        raise RecipeError("eval.tasks: lm-eval runs on rank 0 with the whole model, which ZeRO-3 partitions; use "
+                          "train.zero_stage 1 or 2, or recur eval on the checkpoints")
+    if e.limit is not None and e.limit <= 0:
+        raise RecipeError(f"eval.limit: must be > 0 or null, got {e.limit}")
+    if e.batch_size < 1:
+        raise RecipeError(f"eval.batch_size: must be at least 1, got {e.batch_size}")
+    for path in e.include_path + ([e.data_dir] if e.data_dir else []):
+        if not isinstance(path, str) or not os.path.isdir(os.path.expanduser(path)):
+            raise RecipeError(f"eval: {path!r} is not a folder (eval.include_path, eval.data_dir)")
 
 
 def validate_model(model: dict) -> None:
