@@ -187,6 +187,8 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():  # one line each, as the errors, not warnings' two with a source line
             warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+            for source in sources:  # checked before the progress line, so bad input is the only line
+                source_files(source)
             print(f"training a {args.kind} tokenizer of {args.vocab_size} tokens on {', '.join(args.sources)}",
                   file=sys.stderr, flush=True)
             train_tokenizer(sources, args.vocab_size, args.kind, args.out, args.max_chars, args.allow_smaller)

@@ -69,3 +69,11 @@ def test_kernels_import_nothing_of_transformers_or_the_models():
 def test_no_test_hooks_in_production_code(word):
     hits = [str(relative) for relative, tree in production_modules() if any(word in s for s in code_strings(tree))]
     assert not hits, hits
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(block) == 2 and "recur quickstart" in block[0] and "pytest" in block[1]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [block[1]]
