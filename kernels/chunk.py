@@ -327,3 +327,57 @@ def window_chunk(q, k, v, scale, state, chunk_size=64):
                                        attn_mask=mask.view(B * n, 1, C, span), scale=scale, enable_gqa=Hk != H)
     o = o.transpose(1, 2).reshape(B, n * C, H, -1)
     return o[:, :T], None
+
+
+def assign_sinks(k, v, key_valid, sink_k, sink_v, sink_valid):
+    """The segment's sinks: its valid keys while sink slots are free, each into slot (filled + valid keys
+    before it). Returns the new slots (keys, values, valid), the position each new sink appears at
+    (−1 for the cached ones: visible to every query) and which keys are sinks."""
+    B, T = key_valid.shape
+    S = sink_k.shape[1]
+    filled = sink_valid.sum(1, keepdim=True)
+    slot = filled + key_valid.long().cumsum(1) - key_valid.long()
+    is_sink = key_valid & (slot < S)
+    target = torch.where(is_sink, slot, torch.full_like(slot, S))  # S: a slot thrown away
+    place = lambda buffer, x: torch.cat([buffer, buffer.new_zeros(B, 1, *buffer.shape[2:])], 1).scatter(
+        1, target.view(B, T, 1, 1).expand(-1, -1, *x.shape[2:]), x)[:, :S]
+    since = torch.full((B, S + 1), -1, dtype=torch.long, device=k.device).scatter(
+        1, target, torch.arange(T, device=k.device).expand(B, T))[:, :S]
+    sink_valid = torch.arange(S, device=k.device) < (filled + is_sink.sum(1, keepdim=True))
+    return place(sink_k, k), place(sink_v, v), sink_valid, since, is_sink
+
+
+def window_sink_chunk(q, k, v, key_valid, scale, state, chunk_size=64):
+    """`window_chunk` with attention sinks and key validity (see naive.window_sink_step), in query blocks.
+
+    Each block attends over the S sink slots ‖ its span of C + W − 1 keys. The segment's own sinks
+    are written into free slots (assign_sinks), each visible from its own position on; cached sinks
+    are visible to every query; sinks and padding are not window keys, so nothing counts twice.
+    """
+    cache_k, cache_v, valid, sink_k, sink_v, sink_valid = state
+    B, T, H, K = q.shape
+    Hk, S, P = k.shape[2], sink_k.shape[1], cache_k.shape[1]
+    sink_k, sink_v, sink_valid, since, is_sink = assign_sinks(k, v, key_valid, sink_k, sink_v, sink_valid)
+    C = _chunk_size(T, chunk_size)
+    n = -(-T // C)
+    span = C + P
+    pad = n * C - T
+    keys = F.pad(torch.cat([cache_k, k], 1), (0, 0, 0, 0, 0, pad)).unfold(1, span, C)  # [B, n, Hk, K, span]
+    values = F.pad(torch.cat([cache_v, v], 1), (0, 0, 0, 0, 0, pad)).unfold(1, span, C)
+    ok = F.pad(torch.cat([valid, key_valid & ~is_sink], 1), (0, pad), value=False).unfold(1, span, C)
+    pad_query = F.pad(~key_valid, (0, pad), value=True).view(B, n, C)
+    i = torch.arange(C, device=q.device).view(C, 1)
+    e = torch.arange(span, device=q.device).view(1, span)
+    in_window = ((e >= i) & (e <= i + P)).expand(B, n, C, span) & ok.unsqueeze(2)
+    own = (e == i + P) & pad_query.unsqueeze(-1)  # a padding query sees its own key (a finite output)
+    position = torch.arange(n, device=q.device).view(n, 1) * C + i.view(1, C)  # [n, C] in the segment
+    sees_sink = sink_valid[:, None, None, :] & (since[:, None, None, :] <= position[None, :, :, None])
+    mask = torch.cat([sees_sink, in_window | own], -1)  # [B, n, C, S + span]
+    keys = torch.cat([sink_k.unsqueeze(1).expand(B, n, S, Hk, K).permute(0, 1, 3, 4, 2), keys], -1)
+    values = torch.cat([sink_v.unsqueeze(1).expand(B, n, S, Hk, v.shape[-1]).permute(0, 1, 3, 4, 2), values], -1)
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B * n, C, H, K).transpose(1, 2)
+    o = F.scaled_dot_product_attention(qb, keys.flatten(0, 1).transpose(-1, -2), values.flatten(0, 1).transpose(-1, -2),
+                                       attn_mask=mask.reshape(B * n, 1, C, S + span), scale=scale,
+                                       enable_gqa=Hk != H)
+    o = o.transpose(1, 2).reshape(B, n * C, H, -1)
+    return o[:, :T], None

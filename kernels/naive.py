@@ -97,3 +97,43 @@ def diagonal_naive(x, log_decay, state):
 
 def window_naive(q, k, v, scale, state):
     return _loop(window_step, (q, k, v), state, scale)
+
+
+def window_sink_step(q, k, v, valid_t, state, scale):
+    """`window_step` with attention sinks and key validity (StreamingLLM / LoLA sinks).
+
+    valid_t [B] bool: whether this token's key may be attended to (False for padding). The first S
+    valid keys of a sequence are its sinks: every later query sees them, besides its window, and
+    they are kept apart so a key is never counted twice. A query always sees its own key (a padding
+    query then has a finite output, which nothing reads). state = (keys [B, W−1, Hk, K], values,
+    valid [B, W−1] — window keys that are neither padding nor sinks —, sink_keys [B, S, Hk, K],
+    sink_values, sink_valid [B, S]).
+    """
+    keys, values, valid, sink_k, sink_v, sink_valid = state
+    S = sink_k.shape[1]
+    filled = sink_valid.sum(1)
+    is_sink = valid_t & (filled < S)
+    slot = (torch.arange(S, device=q.device) == filled.unsqueeze(1)) & is_sink.unsqueeze(1)  # [B, S]
+    sink_k = torch.where(slot[..., None, None], k.unsqueeze(1), sink_k)
+    sink_v = torch.where(slot[..., None, None], v.unsqueeze(1), sink_v)
+    sink_valid = sink_valid | slot
+    keys = torch.cat([keys, k.unsqueeze(1)], 1)
+    values = torch.cat([values, v.unsqueeze(1)], 1)
+    own = valid.new_ones(valid.shape[0], 1)
+    seen = torch.cat([sink_valid, valid, own & ~is_sink.unsqueeze(1)], 1)  # (a sink is seen through its slot)
+    B, H, K = q.shape
+    Hk = k.shape[1]
+    qg = q.view(B, Hk, H // Hk, K)
+    all_k, all_v = torch.cat([sink_k, keys], 1), torch.cat([sink_v, values], 1)
+    scores = torch.einsum("bgqk,bwgk->bgqw", qg, all_k) * scale
+    scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+    o = torch.einsum("bgqw,bwgv->bgqv", scores.softmax(-1), all_v).reshape(B, H, -1)
+    valid = torch.cat([valid, (valid_t & ~is_sink).unsqueeze(1)], 1)
+    return o, (keys[:, 1:], values[:, 1:], valid[:, 1:], sink_k, sink_v, sink_valid)
+
+
+def window_sink_naive(q, k, v, key_valid, scale, state):
+    def step(q, k, v, valid_t, state):
+        return window_sink_step(q, k, v, valid_t, state, scale)
+
+    return _loop(step, (q, k, v, key_valid), state)

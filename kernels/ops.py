@@ -15,9 +15,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .chunk import delta_rule_chunk, diagonal_chunk, gla_chunk, rwkv6_chunk, scalar_decay_chunk, window_chunk
+from .chunk import (assign_sinks, delta_rule_chunk, diagonal_chunk, gla_chunk, rwkv6_chunk, scalar_decay_chunk,
+                    window_chunk, window_sink_chunk)
 from .naive import delta_rule_naive, diagonal_naive, gla_naive, rwkv6_naive, scalar_decay_naive, window_naive
-from .naive import delta_rule_step, diagonal_step, gla_step, scalar_decay_step, window_step
+from .naive import delta_rule_step, diagonal_step, gla_step, scalar_decay_step, window_sink_naive, window_sink_step
+from .naive import window_step
 from .naive import rwkv6_step as rwkv6_torch_step
 from ._common import (check_shape, check_varlen, compute_dtype, fallback_notice, pack_to_padded, resolve_impl,
                       resolve_step_impl, run_varlen)
@@ -159,13 +161,21 @@ def diagonal_recurrence(x, log_decay, initial_state=None, output_final_state=Fal
 
 
 def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, output_final_state=False,
-                             cu_seqlens=None, impl="auto", chunk_size=64):
+                             cu_seqlens=None, impl="auto", chunk_size=64, sinks=0, key_valid=None):
     """Causal softmax attention of each query over the last `window` keys, itself included.
 
     k, v may have fewer heads than q (grouped / multi-query). The state is the window cache
     (keys [N, window−1, Hk, K], values [N, window−1, Hk, V], valid [N, window−1] bool), so
     prefill can be chunked and decoding keeps constant memory.
+
+    `sinks` > 0 keeps the first `sinks` valid keys of each sequence visible to every later query
+    as well (attention sinks, StreamingLLM / LoLA); `key_valid` [B, T] bool marks keys that may be
+    attended to (False: padding, which then changes no state). With either, the state gains the
+    sink slots: (keys, values, valid, sink_keys [N, sinks, Hk, K], sink_values, sink_valid [N, sinks]).
     """
+    if sinks or key_valid is not None:
+        return _window_with_sinks(q, k, v, window, scale, initial_state, output_final_state, cu_seqlens, impl,
+                                  chunk_size, sinks, key_valid)
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, time, heads, dim], got shape {list(q.shape)}")
     B, T, H, K = q.shape
@@ -208,6 +218,65 @@ def sliding_window_attention(q, k, v, window, scale=None, initial_state=None, ou
     return o, _window_final_state(initial_state, k, v, P, N, cu_seqlens)
 
 
+def _window_with_sinks(q, k, v, window, scale, initial_state, output_final_state, cu_seqlens, impl, chunk_size,
+                       sinks, key_valid):
+    """sliding_window_attention with sink slots and key validity (the PyTorch paths on every device)."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape[:2] != q.shape[:2] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must be [B, T, H, K] and [B, T, Hk, K]")
+    B, T, H, K = q.shape
+    Hk, V = k.shape[2], v.shape[-1]
+    check_shape("v", v, (B, T, Hk, None))
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    if not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    N = check_varlen(cu_seqlens, B, T)
+    if key_valid is None:
+        key_valid = torch.ones(B, T, dtype=torch.bool, device=q.device)
+    check_shape("key_valid", key_valid, (B, T))
+    scale = K**-0.5 if scale is None else scale
+    impl = resolve_impl(impl, q)
+    if impl == "triton":
+        fallback_notice("window_sinks", "sliding_window_attention: fla's parallel_attn has no sinks or key mask, "
+                        "so these calls run the PyTorch chunk path")
+        impl = "chunk"
+    P, dt = window - 1, compute_dtype(q, k, v)
+    if initial_state is None:
+        size = min(P, T)  # (without a cache, a window longer than the segment is the whole prefix)
+        state = (q.new_zeros(N, size, Hk, K, dtype=dt), q.new_zeros(N, size, Hk, V, dtype=dt),
+                 torch.zeros(N, size, dtype=torch.bool, device=q.device), q.new_zeros(N, sinks, Hk, K, dtype=dt),
+                 q.new_zeros(N, sinks, Hk, V, dtype=dt), torch.zeros(N, sinks, dtype=torch.bool, device=q.device))
+    else:
+        state = _check_sink_state(initial_state, N, P, sinks, Hk, K, V)
+        state = tuple(x.to(dt) if x.is_floating_point() else x for x in state)
+    fn = window_sink_naive if impl == "naive" else functools.partial(window_sink_chunk, chunk_size=chunk_size)
+    run = lambda q, k, v, valid: fn(q, k, v, valid > 0.5, scale=scale, state=state)
+    o, _ = run_varlen(run, [q.to(dt), k.to(dt), v.to(dt), key_valid.to(dt)], cu_seqlens)
+    o = o.to(v.dtype)
+    if not output_final_state:
+        return o, None
+    # The final state: the sink slots after this segment, and the window of its last keys.
+    rows = (lambda x: pack_to_padded(x, cu_seqlens)) if cu_seqlens is not None else (lambda x: x)
+    valid_rows = rows(key_valid.unsqueeze(-1).to(dt))[..., 0] > 0.5
+    cached = state if initial_state is not None else None
+    sink_k, sink_v, sink_valid, _, is_sink = assign_sinks(rows(k.to(dt)), rows(v.to(dt)), valid_rows,
+                                                         *(initial_state[3:] if initial_state is not None else state[3:]))
+    keys, values, valid = _window_final_state(None if cached is None else cached[:3], k, v, P, N, cu_seqlens,
+                                              valid_rows & ~is_sink)
+    return o, (keys, values, valid, sink_k.to(k.dtype), sink_v.to(v.dtype), sink_valid)
+
+
+def _check_sink_state(state, N, P, S, Hk, K, V):
+    if not (isinstance(state, (tuple, list)) and len(state) == 6):
+        raise ValueError("initial_state for sliding_window_attention with sinks or key_valid must be (keys, values, "
+                         "valid, sink_keys, sink_values, sink_valid)")
+    _check_window_state(state[:3], N, P, Hk, K, V)
+    check_shape("initial_state sink_keys", state[3], (N, S, Hk, K))
+    check_shape("initial_state sink_values", state[4], (N, S, Hk, V))
+    check_shape("initial_state sink_valid", state[5], (N, S))
+    return tuple(state)
+
+
 def _check_window_state(state, N, P, Hk, K, V):
     if not (isinstance(state, (tuple, list)) and len(state) == 3):
         raise ValueError("initial_state for sliding_window_attention must be (keys, values, valid)")
@@ -217,8 +286,9 @@ def _check_window_state(state, N, P, Hk, K, V):
     return tuple(state)
 
 
-def _window_final_state(initial_state, k, v, P, N, cu_seqlens):
-    """The last window−1 keys/values of each sequence (cache ‖ segment), invalid-padded on the left."""
+def _window_final_state(initial_state, k, v, P, N, cu_seqlens, valid_rows=None):
+    """The last window−1 keys/values of each sequence (cache ‖ segment), invalid-padded on the left;
+    `valid_rows` [N, L] marks the segment keys that stay visible (default: all of each sequence)."""
     if cu_seqlens is None:
         lengths = torch.full((N,), k.shape[1], dtype=torch.long, device=k.device)
     else:
@@ -232,8 +302,10 @@ def _window_final_state(initial_state, k, v, P, N, cu_seqlens):
         cache = initial_state
     keys = torch.cat([k.new_zeros(N, P, *k.shape[2:]), cache[0].to(k.dtype), k], 1)
     values = torch.cat([v.new_zeros(N, P, *v.shape[2:]), cache[1].to(v.dtype), v], 1)
-    valid = torch.cat([torch.zeros(N, P, dtype=torch.bool, device=k.device), cache[2],
-                       torch.arange(L, device=k.device).unsqueeze(0) < lengths.unsqueeze(1)], 1)
+    in_sequence = torch.arange(L, device=k.device).unsqueeze(0) < lengths.unsqueeze(1)
+    if valid_rows is not None:
+        in_sequence = in_sequence & valid_rows
+    valid = torch.cat([torch.zeros(N, P, dtype=torch.bool, device=k.device), cache[2], in_sequence], 1)
     idx = (P + P + lengths - P).unsqueeze(1) + torch.arange(P, device=k.device)  # [N, P]: positions end−P..end−1
     take = lambda x: x.gather(1, idx.view(N, P, *([1] * (x.dim() - 2))).expand(N, P, *x.shape[2:]))
     return take(keys), take(values), valid.gather(1, idx)
@@ -385,9 +457,10 @@ def diagonal_recurrence_step(x, log_decay, state=None, impl="auto"):
     return _step(diagonal_step, [x, log_decay], state, x.dtype)
 
 
-def sliding_window_attention_step(q, k, v, state, scale=None, impl="auto"):
+def sliding_window_attention_step(q, k, v, state, scale=None, impl="auto", key_valid=None):
     """One token of `sliding_window_attention`: q [B, H, K], k [B, Hk, K], v [B, Hk, V], state the
-    window cache (keys [B, window−1, Hk, K], values, valid [B, window−1]). Returns (o, cache shifted by one).
+    window cache (keys [B, window−1, Hk, K], values, valid [B, window−1]), or with sinks its six
+    parts; `key_valid` [B] (False: a padding token). Returns (o, the cache after this token).
 
     The PyTorch step on every device: one softmax over a constant-size cache (fla has no decoding
     kernel for it; impl="triton" says so once).
@@ -399,6 +472,8 @@ def sliding_window_attention_step(q, k, v, state, scale=None, impl="auto"):
         raise ValueError(f"k has shape {list(k.shape)}; expected [{B}, Hk, {K}] with Hk dividing {H}")
     Hk = k.shape[1]
     check_shape("v", v, (B, Hk, None))
+    if isinstance(state, (tuple, list)) and len(state) == 6 or key_valid is not None:
+        return _window_sink_step(q, k, v, state, scale, impl, key_valid)
     if not (isinstance(state, (tuple, list)) and len(state) == 3):
         raise ValueError("state for sliding_window_attention_step must be (keys, values, valid)")
     keys, values, valid = _check_window_state(state, B, state[0].shape[1], Hk, K, v.shape[-1])
@@ -411,3 +486,23 @@ def sliding_window_attention_step(q, k, v, state, scale=None, impl="auto"):
     o, cache = window_step(q.to(dt), k.to(dt), v.to(dt), (keys.to(dt), values.to(dt), valid), scale)
     # the cache keeps k's and v's dtype, as sliding_window_attention's final state does
     return o.to(v.dtype), (cache[0].to(k.dtype), cache[1].to(v.dtype), cache[2])
+
+
+def _window_sink_step(q, k, v, state, scale, impl, key_valid):
+    B, H, K = q.shape
+    Hk, V = k.shape[1], v.shape[-1]
+    if not (isinstance(state, (tuple, list)) and len(state) == 6):
+        raise ValueError("state for sliding_window_attention_step with key_valid must have the six parts of a "
+                         "sink window cache (keys, values, valid, sink_keys, sink_values, sink_valid)")
+    state = _check_sink_state(state, B, state[0].shape[1], state[3].shape[1], Hk, K, V)
+    if key_valid is None:
+        key_valid = torch.ones(B, dtype=torch.bool, device=q.device)
+    check_shape("key_valid", key_valid, (B,))
+    scale = K**-0.5 if scale is None else scale
+    resolve_step_impl(impl, q, needs_fla=False)
+    dt = compute_dtype(q, k, v)
+    o, new = window_sink_step(q.to(dt), k.to(dt), v.to(dt), key_valid,
+                              tuple(x.to(dt) if x.is_floating_point() else x for x in state), scale)
+    keys, values, valid, sink_k, sink_v, sink_valid = new
+    return o.to(v.dtype), (keys.to(k.dtype), values.to(v.dtype), valid, sink_k.to(k.dtype), sink_v.to(v.dtype),
+                           sink_valid)
