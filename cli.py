@@ -54,6 +54,12 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("push", help="push a model (exported from a checkpoint if need be) to the Hugging Face Hub, "
                    "with a model card", add_help=False)
+    from recur.modeling import FAMILIES  # (a family may bring a command of its own, e.g. linearize)
+
+    family_commands = {name: target for family in FAMILIES.values() for name, (_, target) in family.commands.items()}
+    for family in FAMILIES.values():
+        for name, (text, _) in family.commands.items():
+            sub.add_parser(name, help=text, add_help=False)
     tokenizer = sub.add_parser("tokenizer", help="tokenizers")
     tokenizer.add_subparsers(dest="tokenizer", metavar="WHAT", required=True).add_parser(
         "train", help="train a byte-level BPE or Unigram tokenizer on data sources", add_help=False)
@@ -66,6 +72,8 @@ def main(argv=None) -> int:
                          add_help=False)
     bench_sub.add_parser("data", help="data-loader tokens/s vs the tokens/s a training step consumes",
                          add_help=False)
+    bench_sub.add_parser("decode", help="decode tokens/s and cache memory after long prompts, models side by side",
+                         add_help=False)
     args, rest = parser.parse_known_args(argv)
     # Each job parses its own options, so `recur quickstart --help` shows them.
     if args.command == "quickstart":
@@ -76,6 +84,11 @@ def main(argv=None) -> int:
         from recur.train.checkpoint import main as job
     elif args.command == "convert":
         from recur.modeling.convert import main as job
+    elif args.command in family_commands:
+        import importlib
+
+        module, function = family_commands[args.command].split(":")
+        job = getattr(importlib.import_module(module), function)
     elif args.command == "eval":
         from recur.eval.harness import main as job
     elif args.command == "push":
@@ -88,6 +101,8 @@ def main(argv=None) -> int:
         from recur.eval.bench_kernels import main as job
     elif args.command == "bench" and args.bench == "data":
         from recur.eval.bench_data import main as job
+    elif args.command == "bench" and args.bench == "decode":
+        from recur.eval.bench_decode import main as job
     try:
         return job(rest)
     except UserError as e:  # bad input: one line, no traceback

@@ -32,12 +32,14 @@ def find_recipe(name: str) -> Path:
         return path
     from recur import RECIPES_DIR
 
-    for candidate in (RECIPES_DIR / "pretrain" / name, RECIPES_DIR / "pretrain" / f"{name}.yaml", RECIPES_DIR / name):
+    for candidate in (RECIPES_DIR / "pretrain" / name, RECIPES_DIR / "pretrain" / f"{name}.yaml", RECIPES_DIR / name,
+                      RECIPES_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
     if path.is_dir():
         raise RecipeError(f"recipe {name!r}: is a folder, not a recipe file")
-    shipped = sorted(p.stem for p in (RECIPES_DIR / "pretrain").glob("*.yaml") if not p.stem.startswith("_"))
+    shipped = sorted(p.stem for p in (RECIPES_DIR / "pretrain").glob("*.yaml") if not p.stem.startswith("_")) + sorted(
+        f"linearize/{p.stem}" for p in (RECIPES_DIR / "linearize").glob("*.yaml") if not p.stem.startswith("_"))
     raise RecipeError(f"recipe {name!r}: no such file, and not a shipped recipe (shipped: {', '.join(shipped)})")
 
 

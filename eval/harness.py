@@ -111,8 +111,8 @@ def metric_values(results: dict):
     """(task, metric, value) for every numeric metric of lm-eval's results (no stderr, no alias)."""
     for task, metrics in sorted(results.get("results", {}).items()):
         for key, value in metrics.items():
-            metric, _, filter_name = key.partition(",")
-            if metric.endswith("_stderr") or metric == "alias" or not isinstance(value, (int, float)):
+            metric, comma, filter_name = key.partition(",")  # metrics are "name,filter"; alias, sample_len are not
+            if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             yield task, metric + ("" if filter_name in ("", "none") else f" ({filter_name})"), float(value)
 

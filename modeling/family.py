@@ -57,6 +57,8 @@ class Family:
     converters: list[Converter] = field(default_factory=list)
     signature: str | None = None  # a tensor-name fragment only this family's checkpoints carry
     tiny: dict[str, dict] = field(default_factory=dict)  # test configs: id -> config kwargs
+    # `recur NAME ...` commands of the family's own: name -> (help, "module:function" taking argv)
+    commands: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str:

@@ -25,6 +25,10 @@ used instead. The checkpoints folder must be one every rank sees (a shared files
 `recur export CHECKPOINT OUT` writes a transformers folder (safetensors, config with the model's
 code, tokenizer, generation config) from a run dir, a checkpoints folder or one checkpoint,
 through DeepSpeed's zero_to_fp32 (which rebuilds full float32 weights from any ZeRO stage's shards).
+A LoRA run's checkpoint holds the peft-wrapped model; trainer_state.json records `lora`, and
+`load_model` rebuilds the wrapper, loads the weights and merges the LoRA into them (peft's
+merge_and_unload), so the export is a plain model folder. Frozen parameters that zero_to_fp32 does
+not rebuild (ZeRO-1 keeps no record of them) come from the module state DeepSpeed saved.
 """
 from __future__ import annotations
 
@@ -346,15 +350,38 @@ def load_model(root: Path, tag: str):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     config = AutoConfig.from_pretrained(folder)
+    lora = read_state(root, tag).get("lora")
     state_dict = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if config.tie_word_embeddings else set()
+    if lora:
+        from .engine import apply_lora
+
+        model = apply_lora(model, lora)
+        tied = {PEFT_PREFIX + k for k in tied}
+    frozen = _frozen_parameters(folder, set(dict(model.named_parameters())) - set(state_dict))
+    missing, unexpected = model.load_state_dict({**frozen, **state_dict}, strict=False)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not match {config.model_type}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    if lora:
+        model = model.merge_and_unload()
     return model.eval(), AutoTokenizer.from_pretrained(folder / "tokenizer")
+
+
+PEFT_PREFIX = "base_model.model."  # what peft's wrapper puts before the model's parameter names
+
+
+def _frozen_parameters(folder: Path, names: set[str]) -> dict:
+    """Parameters zero_to_fp32 did not rebuild (frozen ones under ZeRO-1), from DeepSpeed's saved module state."""
+    if not names:
+        return {}
+    found = {}
+    for path in sorted(folder.glob("*mp_rank_00_model_states.pt")):
+        module = torch.load(path, map_location="cpu", weights_only=False).get("module") or {}
+        found.update({k: v.float() for k, v in module.items() if k in names and v.numel() > 0})
+    return found
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:

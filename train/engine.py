@@ -4,10 +4,16 @@ On GPU the engine computes in bf16 through DeepSpeed's `torch_autocast`, not its
 which would cast every parameter, the recurrent decays included, to bf16: every parameter,
 gradient and optimizer state stays float32. Which parameters are rounding-sensitive each family
 declares (`_keep_in_fp32_modules_strict`); `check_fp32_parameters` holds the engine to it.
+
+Fine-tuning: `model.from` starts from a saved model folder's config and weights; `train.lora` wraps
+the model in peft's LoRA (the base frozen) and `train.trainable` names the parameters that train
+besides (or, without LoRA, instead of everything): `select_trainable`, before DeepSpeed.
 """
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -34,11 +40,24 @@ def import_deepspeed():
 
 
 def model_config(recipe: Recipe, tokenizer):
-    """The family's config from the recipe; vocab and special tokens default to the tokenizer's."""
+    """The family's config from the recipe; vocab and special tokens default to the tokenizer's. With
+    model.from, the saved folder's config."""
     from transformers import AutoConfig
 
     from recur.data import DataError, check_vocab
 
+    source = recipe.model.get("from")
+    if source is not None:
+        try:
+            config = AutoConfig.from_pretrained(Path(source).expanduser())
+        except (OSError, ValueError, KeyError) as e:
+            raise RecipeError(f"model.from: transformers cannot read the config in {source} "
+                              f"({_first_line(e)})") from None
+        try:
+            check_vocab(tokenizer, config.vocab_size)
+        except DataError as e:
+            raise RecipeError(f"model.from: {source}: {e} (data.tokenizer must be the model's)") from None
+        return config
     kwargs = {k: v for k, v in recipe.model.items() if k != "type"}
     kwargs.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -58,9 +77,55 @@ def build_model(recipe: Recipe, config):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
-    model = AutoModelForCausalLM.from_config(config)
+    source = recipe.model.get("from")
+    if source is None:
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(Path(source).expanduser(), config=config,
+                                                           dtype=torch.float32, output_loading_info=True)
+        missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
+        if missing:
+            raise RecipeError(f"model.from: {source} lacks weights of {config.model_type}: "
+                              f"{', '.join(map(str, missing[:4]))}{' ...' if len(missing) > 4 else ''}")
     if recipe.train.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model, lora: dict):
+    """The model wrapped in peft's LoRA from train.lora's settings (peft freezes every other parameter)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["target_modules"]), bias="none")
+    return get_peft_model(model, config)
+
+
+def select_trainable(model, recipe: Recipe):
+    """train.lora and train.trainable applied: the model (peft-wrapped with LoRA) with requires_grad set.
+    Neither set: the model as it is, every parameter trains."""
+    t = recipe.train
+    if not t.lora and not t.trainable:
+        return model
+    if t.lora:
+        modules = [name for name, _ in model.named_modules()]
+        for target in t.lora["target_modules"]:
+            if not any(name == target or name.endswith("." + target) for name in modules):
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                 if isinstance(m, torch.nn.Linear)})
+                raise RecipeError(f"train.lora.target_modules: {model.config.model_type} has no module {target!r} "
+                                  f"(its linear layers: {', '.join(linear)})")
+        model = apply_lora(model, t.lora)
+    else:
+        model.requires_grad_(False)
+    named = list(model.named_parameters())
+    for pattern in t.trainable:
+        matched = [p for n, p in named if re.search(pattern, n)]
+        if not matched:
+            raise RecipeError(f"train.trainable: {pattern!r} matches no parameter of {model.config.model_type} "
+                              f"(e.g. {', '.join(n for n, _ in named[:3])})")
+        for p in matched:
+            p.requires_grad_(True)
     return model
 
 
@@ -102,6 +167,8 @@ def check_fp32_parameters(model) -> list[str]:
     """Names of the parameters the family keeps in float32; raises if any is not float32."""
     from recur.modeling.family import fp32_parameter_names
 
+    if callable(getattr(type(model), "get_base_model", None)):  # peft: names without its base_model.model. prefix
+        model = model.get_base_model()
     names = fp32_parameter_names(model)
     dtypes = dict(model.named_parameters())
     wrong = [f"{n} ({dtypes[n].dtype})" for n in names if dtypes[n].dtype != torch.float32]
@@ -115,7 +182,7 @@ def build_engine(recipe: Recipe, config, device: torch.device, world_size: int):
     train.deepspeed names an optimizer) and ZeRO from the recipe."""
     deepspeed = import_deepspeed()
     t = recipe.train
-    model = build_model(recipe, config)
+    model = select_trainable(build_model(recipe, config), recipe)
     precision = resolve_precision(recipe, device)
     ds_config = deepspeed_config(recipe, world_size, precision)
     optimizer = parameters = None
@@ -130,3 +197,8 @@ def build_engine(recipe: Recipe, config, device: torch.device, world_size: int):
     if t.compile:
         engine.compile()
     return engine, precision
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -15,6 +15,8 @@ A recipe (every key but model.type and train.max_steps has a default):
     model:
       type: recur_gla           # a registered model type; every other key goes to its config class
       hidden_size: 64           # vocab_size defaults to the tokenizer's size rounded up to a multiple of 64
+      from: null                # a saved recur model folder (recur linearize / recur export / save_pretrained) to
+                                # start from: its config and weights (no other model keys; type may be left out)
     data: {...}                 # recur.data.DataConfig (sources, tokenizer, seq_len, ...)
     train:
       max_steps: 1000           # optimizer steps
@@ -38,6 +40,16 @@ A recipe (every key but model.type and train.max_steps has a default):
       keep_checkpoints: 3       # keep the last K
       max_bad_steps: 5          # stop after this many non-finite steps in a row
       deepspeed: {}             # merged into the generated DeepSpeed config (e.g. an "optimizer" section)
+      trainable: []             # regexes searched in parameter names: only those train (with lora: those besides
+                                # the LoRA weights); [] and lora null: every parameter trains
+      lora: null                # LoRA (peft) on a frozen model; export merges it into the weights. A mapping:
+                                # {r: 8, alpha: 8, dropout: 0.0, target_modules: [q_proj, k_proj, v_proj]}
+      objective: next_token     # next_token (cross entropy) | distill (KL to train.teacher's next-token distribution)
+                                # | align (each attention layer, given the teacher's input to it, matches the
+                                # teacher's attention output: MSE, layers independent; a linearized model's stage 1)
+      teacher: null             # distill, align: a transformers causal LM folder or a .gguf file (float32, frozen)
+      distill_temperature: 1.0  # T: teacher and student logits divided by T, the KL multiplied by T²
+      distill_weight: 1.0       # w: loss = w·KL + (1 - w)·CE, both token means over the scored tokens
     eval:                       # lm-eval tasks during training, on rank 0, at every eval_every (recur eval's code)
       tasks: []                 # lm-eval task names; lambada_openai, wikitext, piqa, hellaswag from data_dir
       limit: null               # documents per task (keep it small: it runs inside training)
@@ -56,8 +68,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +84,7 @@ __all__ = ["Recipe", "TrainConfig", "LogConfig", "EvalConfig", "RecipeError", "l
            "apply_overrides", "deep_merge", "find_recipe"]
 
 SCHEDULES = ("cosine", "wsd", "constant")
+OBJECTIVES = ("next_token", "distill", "align")
 PRECISIONS = ("auto", "fp32", "bf16")
 # DeepSpeed keys the trainer sets itself from train.*: refused inside train.deepspeed.
 OWNED_DEEPSPEED_KEYS = {
@@ -106,6 +121,21 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
     deepspeed: dict = field(default_factory=dict)
+    trainable: list = field(default_factory=list)
+    lora: dict | None = None
+    objective: str = "next_token"
+    teacher: str | None = None
+    distill_temperature: float = 1.0
+    distill_weight: float = 1.0
+
+
+@dataclass
+class LoraSettings:
+    """train.lora (peft's LoraConfig: r, lora_alpha, lora_dropout, target_modules)."""
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
 
 
 @dataclass
@@ -239,6 +269,49 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
         section = t.deepspeed.get(head)
         if (head in t.deepspeed and not tail) or (tail and isinstance(section, dict) and tail in section):
             raise RecipeError(f"train.deepspeed.{key}: set by the trainer; use {use}")
+    validate_tuning(t)
+
+
+def validate_tuning(t: TrainConfig) -> None:
+    """train.trainable, train.lora and the objective; train.lora is filled in with its defaults."""
+    if not all(isinstance(p, str) and p for p in t.trainable):
+        raise RecipeError(f"train.trainable: expected a list of regexes of parameter names, got {t.trainable!r}")
+    for pattern in t.trainable:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise RecipeError(f"train.trainable: {pattern!r} is not a regex ({e})") from None
+    if t.lora is not None:
+        lora = typed(LoraSettings, t.lora, "train.lora")
+        if lora.r < 1:
+            raise RecipeError(f"train.lora.r: must be at least 1, got {lora.r}")
+        if lora.alpha <= 0:
+            raise RecipeError(f"train.lora.alpha: must be > 0, got {lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            raise RecipeError(f"train.lora.dropout: must be in [0, 1), got {lora.dropout}")
+        if not lora.target_modules or not all(isinstance(m, str) and m for m in lora.target_modules):
+            raise RecipeError(f"train.lora.target_modules: expected a list of module names (e.g. q_proj), "
+                              f"got {lora.target_modules!r}")
+        t.lora = dataclasses.asdict(lora)
+    if t.objective not in OBJECTIVES:
+        raise RecipeError(f"train.objective: {t.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if t.distill_temperature <= 0:
+        raise RecipeError(f"train.distill_temperature: must be > 0, got {t.distill_temperature}")
+    if not 0 <= t.distill_weight <= 1:
+        raise RecipeError(f"train.distill_weight: must be in [0, 1], got {t.distill_weight}")
+    if t.objective in ("distill", "align") and t.teacher is None:
+        raise RecipeError(f"train.teacher: missing; train.objective {t.objective} needs a teacher (a transformers "
+                          "causal LM folder or a .gguf file)")
+    if t.objective == "align" and t.zero_stage == 3:
+        raise RecipeError("train.objective: align calls each attention layer on its own, which ZeRO-3's gathering "
+                          "does not see; use train.zero_stage 1 or 2")
+    if t.teacher is not None:
+        if t.objective not in ("distill", "align"):
+            raise RecipeError(f"train.teacher: only used by train.objective distill or align (it is {t.objective})")
+        path = Path(t.teacher).expanduser()
+        if not ((path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix == ".gguf")):
+            raise RecipeError(f"train.teacher: {t.teacher!r} is neither a model folder with config.json nor a "
+                              ".gguf file")
 
 
 def validate_eval(recipe: Recipe) -> None:
@@ -262,13 +335,18 @@ def validate_eval(recipe: Recipe) -> None:
 
 
 def validate_model(model: dict) -> None:
-    """model.type must be a recur family; other keys must be arguments of its config class, of the right type."""
+    """model.type must be a recur family; other keys must be arguments of its config class, of the right type.
+    With model.from, the folder's config is the model's: model.type (filled in when left out) must match it."""
     from transformers import CONFIG_MAPPING
 
     import recur  # noqa: F401  registers the families
 
-    kind = model.get("type")
     families = sorted(k for k in CONFIG_MAPPING.keys() if k.startswith("recur_"))
+    if model.get("from", ...) is None:
+        del model["from"]
+    if "from" in model:
+        return validate_model_from(model, families)
+    kind = model.get("type")
     if kind not in families:  # the trainer relies on recur's document-aware loss and position_ids
         raise RecipeError(f"model.type: {kind!r} is not a recur model family ({', '.join(families)})")
     config_class = CONFIG_MAPPING[kind]
@@ -285,6 +363,28 @@ def validate_model(model: dict) -> None:
             raise RecipeError(f"model.{key}: expected {type(default).__name__} like the default {default!r}, got {value!r}")
         if not _finite_like(default, value):
             raise RecipeError(f"model.{key}: must be finite numbers, got {value!r}")
+
+
+def validate_model_from(model: dict, families: list[str]) -> None:
+    source = model["from"]
+    if not isinstance(source, str) or not source:
+        raise RecipeError(f"model.from: expected the path of a saved model folder, got {source!r}")
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"model.from: {source!r} is not a model folder (no config.json there)")
+    try:
+        saved = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise RecipeError(f"model.from: cannot read {path / 'config.json'} ({type(e).__name__})") from None
+    if saved not in families:
+        raise RecipeError(f"model.from: {source!r} holds a {saved!r} model, not a recur model family "
+                          f"({', '.join(families)})")
+    kind = model.setdefault("type", saved)
+    if kind != saved:
+        raise RecipeError(f"model.type: {kind!r} does not match the model in model.from ({saved!r} in {source})")
+    for key in model:
+        if key not in ("type", "from"):
+            raise RecipeError(f"model.{key}: cannot be set with model.from (the config comes from {source})")
 
 
 def _numbers(value) -> list[float]:

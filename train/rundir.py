@@ -6,8 +6,9 @@
   that starts `recur train` itself (the torchrun spawner, quickstart) takes the lock first and
   hands it down through RECUR_RUN_DIR_LOCK, so its own children do not refuse themselves.
 - `check_fits`: before a resumed run writes anything, the recipe must build the model the
-  checkpoint holds (type and every config field that shapes it), with the same tokenizer, seq_len
-  and world size; a mismatch is one line naming the differing keys.
+  checkpoint holds (type and every config field that shapes it), with the same tokenizer, seq_len,
+  world size, train.lora and train.trainable (what the optimizer state is of); a mismatch is one
+  line naming the differing keys.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def _read_holder(fd: int) -> str:
         return "its pid and host are not recorded"
 
 
-def check_fits(checkpoint: Path, config, tokenizer_fingerprint: str, seq_len: int, world_size: int) -> None:
+def check_fits(checkpoint: Path, config, tokenizer_fingerprint: str, seq_len: int, world_size: int,
+               lora: dict | None = None, trainable: list = ()) -> None:
     """One RecipeError naming every key in which this run differs from the checkpoint it resumes."""
     from .checkpoint import STATE_FILE
 
@@ -123,6 +125,10 @@ def check_fits(checkpoint: Path, config, tokenizer_fingerprint: str, seq_len: in
     if saved.get("world_size") not in (None, world_size):
         differ.append(f"world size ({world_size} processes here, {saved['world_size']} saved: the data-loader "
                       "states are per rank)")
+    if saved.get("lora") != lora:  # the checkpoint holds the LoRA weights (or none) and their optimizer state
+        differ.append(f"train.lora ({lora!r} here, {saved.get('lora')!r} saved)")
+    if list(saved.get("trainable") or []) != list(trainable):
+        differ.append(f"train.trainable ({list(trainable)!r} here, {saved.get('trainable')!r} saved)")
     if differ:
         shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
         raise RecipeError(f"resume: the recipe does not fit checkpoint {checkpoint}: {shown}")

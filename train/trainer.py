@@ -42,9 +42,10 @@ from recur.config import UserError
 from . import flops, schedule
 from .checkpoint import Checkpointer, CheckpointError, clean_partial
 from .distributed import DistEnv, all_reduce, launched_env, single_process_env
-from .engine import TrainingError, build_engine, import_deepspeed, model_config
+from .engine import TrainingError, build_engine, import_deepspeed, model_config, resolve_precision
 from .evaluator import Evaluator, scored_tokens, to_device
 from .metrics import MetricsLogger, plot_loss
+from .objectives import NextToken, build_objective
 from .recipe import Recipe, RecipeError, load_recipe
 from .rundir import RunDirLock, check_fits, make_run_dir
 from .state import TrainState
@@ -82,6 +83,8 @@ def preflight(recipe: Recipe, make_dir: bool = True):
 
 class Trainer:
     """The loop and the parts it drives; built by `run`."""
+
+    objective = NextToken()  # train.objective (train/objectives.py); `run` sets the recipe's
 
     def __init__(self, recipe: Recipe, env: DistEnv, engine, config, tokenizer, state: TrainState,
                  checkpointer: Checkpointer, metrics: MetricsLogger, evaluator: Evaluator, stop: StopPolicy,
@@ -149,10 +152,8 @@ class Trainer:
         return loss_sum
 
     def loss(self, batch: dict):
-        """(mean loss over the micro-batch's scored tokens, logits)."""
-        out = self.engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                          use_cache=False)
-        return out.loss, out.logits
+        """(mean loss over the micro-batch's scored tokens, logits), from the recipe's objective."""
+        return self.objective(self.engine, batch)
 
     def log_step(self, loss: float, lr: float, grad_norm: float, applied: bool, window: list) -> None:
         step, tokens_per_s = self.state.step, window[0] / max(window[1], 1e-9)
@@ -174,7 +175,8 @@ class Trainer:
             raise TrainingError(f"step {self.state.step}: the weights are not finite; not saving them")
         self.checkpointer.save(self.engine, self.state, self.config, self.tokenizer,
                                {"model_type": self.config.model_type, "seq_len": self.recipe.data.seq_len,
-                                "tokenizer": tokenizer_fingerprint(self.tokenizer)})
+                                "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                                "lora": self.recipe.train.lora, "trainable": self.recipe.train.trainable})
         self.last_saved = self.state.step
 
     def stopped(self) -> int:
@@ -271,9 +273,10 @@ def run(recipe: Recipe, env: DistEnv) -> int:
         tokenizer, config = load_tokenizer_and_config(recipe)
         if resume is not None:  # nothing in the run dir changes before the recipe is known to fit
             check_fits(resume[0] / resume[1], config, tokenizer_fingerprint(tokenizer), recipe.data.seq_len,
-                       env.world_size)
+                       env.world_size, lora=recipe.train.lora, trainable=recipe.train.trainable)
         loader = build_loader(recipe.data, tokenizer, recipe.train.micro_batch, env.rank, env.world_size,
                               split="train")
+        objective = build_objective(recipe, config, tokenizer, device, resolve_precision(recipe, device))
         engine, precision = build_engine(recipe, config, device, env.world_size)
         state = TrainState(loader)
         if resume is not None:
@@ -290,6 +293,7 @@ def run(recipe: Recipe, env: DistEnv) -> int:
             metrics.log({"step": state.step, **fallback})
         trainer = Trainer(recipe, env, engine, config, tokenizer, state, checkpointer, metrics,
                           Evaluator(recipe, tokenizer, env, device), stop, precision, say)
+        trainer.objective = objective
         describe(trainer, precision, say)
         return trainer.fit()
     finally:

@@ -1,0 +1,100 @@
+"""Decoding speed and cache memory after long prompts, models side by side in one process.
+
+    recur bench decode MODEL [MODEL ...] [--prompts 1024,4096,16384] [--new-tokens 64] [--batch 1]
+
+MODEL is anything `recur eval` loads (a run dir, a checkpoint, a model folder, a .gguf file). For each
+prompt length: the prompt (random token ids) goes through the model's cache 2048 tokens at a time,
+then `--new-tokens` greedy tokens are decoded one at a time; the table gives decode tokens/s, the
+cache's size after the prompt and the ratio of each model's tokens/s to the first model's.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from recur.modeling.base import CACHE_FIELD
+
+CHUNK = 2048
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every tensor a cache holds (recur's per-layer states, transformers' keys and values)."""
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(walk(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return sum(walk(v) for v in vars(x).values()) if hasattr(x, "__dict__") else 0
+
+    return sum(walk(layer) for layer in getattr(cache, "layers", []))
+
+
+@torch.no_grad()
+def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, seed: int = 0) -> dict:
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(model.device)
+    start, cache = time.perf_counter(), None
+    for at in range(0, prompt_len, CHUNK):
+        out = model(ids[:, at:at + CHUNK], use_cache=True, **({CACHE_FIELD: cache} if at else {}))
+        cache = getattr(out, CACHE_FIELD)
+    prefill = time.perf_counter() - start
+    size = cache_bytes(cache)
+    token = out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, use_cache=True, **{CACHE_FIELD: cache})
+        cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
+    seconds = time.perf_counter() - start
+    return {"prompt": prompt_len, "batch": batch, "tokens_per_s": batch * new_tokens / seconds,
+            "cache_mb": size / 2**20, "cache_mb_after": cache_bytes(cache) / 2**20, "prefill_s": prefill}
+
+
+def main(argv=None) -> int:
+    from .harness import EvalError
+    from .load import load
+
+    parser = argparse.ArgumentParser(prog="recur bench decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", help="models to compare (the first is the baseline of the ratios)")
+    parser.add_argument("--prompts", default="1024,4096,16384", help="prompt lengths in tokens")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        prompts = [int(x) for x in args.prompts.split(",") if x.strip()]
+    except ValueError:
+        raise EvalError(f"--prompts {args.prompts!r}: comma-separated token counts") from None
+    if not prompts or min(prompts) < 1 or args.new_tokens < 1 or args.batch < 1:
+        raise EvalError("--prompts, --new-tokens and --batch must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for spec in args.models:
+        model, _, source = load(spec)
+        for prompt in tqdm(prompts, desc=str(source.path.name), unit="prompt"):
+            rows.append({"model": str(source.path), "type": model.config.model_type,
+                         **decode_speed(model, prompt, args.new_tokens, args.batch)})
+        del model
+    base = {r["prompt"]: r["tokens_per_s"] for r in rows if r["model"] == rows[0]["model"]}
+    for r in rows:
+        r["vs_first"] = r["tokens_per_s"] / base[r["prompt"]]
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"decoding {args.new_tokens} tokens after a prompt, batch {args.batch} (ratio: tokens/s against "
+          f"{rows[0]['model']})\n")
+    print("| model | type | prompt | decode tokens/s | ratio | cache after the prompt | prefill |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['type']} | {r['prompt']:,} | {r['tokens_per_s']:.1f} | {r['vs_first']:.2f}x | "
+              f"{r['cache_mb']:.2f} MB | {r['prefill_s']:.1f} s |")
+    return 0
