@@ -21,6 +21,12 @@ class UserError(ValueError):
     """Bad input (a recipe, a file, a checkpoint): the message is one line naming it."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type's name), for one-line errors about it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class RecipeError(UserError):
     """A recipe that cannot run; the message is one line starting with the key."""
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 
-from ..config import UserError
+from ..config import UserError, first_line
 
 
 class HubError(UserError):
@@ -95,7 +95,7 @@ def _stage_folder(path: Path, out: Path) -> Staged:
         config = json.loads((path / "config.json").read_text())
         training = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else {}
     except (OSError, ValueError) as e:
-        raise HubError(f"{path}: cannot read its config.json or {RECORD} ({_first_line(e)})") from None
+        raise HubError(f"{path}: cannot read its config.json or {RECORD} ({first_line(e)})") from None
     checkpoint = training.get("checkpoint")  # run_dir/checkpoints/step_N, when recur exported it
     recipe = Path(checkpoint).parent.parent / "recipe.yaml" if checkpoint else None
     files = [p for p in sorted(path.iterdir()) if p.is_file() and any(fnmatch.fnmatch(p.name, m) for m in MODEL_FILES)]
@@ -255,10 +255,10 @@ def upload(folder: Path, repo_id: str, *, private: bool, revision: str, message:
     except OfflineModeIsEnabled:
         raise HubError(f"{where}: HF_HUB_OFFLINE is set; unset it (or set it to 0) to push") from None
     except (TransportError, OSError) as e:
-        raise HubError(_scrubbed(f"{where}: cannot reach the Hub ({type(e).__name__}: {_first_line(e)})", token)) \
+        raise HubError(_scrubbed(f"{where}: cannot reach the Hub ({type(e).__name__}: {first_line(e)})", token)) \
             from None
     except ValueError as e:  # the Hub refused README.md's metadata (validate-yaml), a bad revision name, ...
-        raise HubError(_scrubbed(f"{where}: {_first_line(e)}", token)) from None
+        raise HubError(_scrubbed(f"{where}: {first_line(e)}", token)) from None
     return str(repo_url), commit.commit_url
 
 
@@ -272,14 +272,10 @@ def _http_message(where: str, error, repo_id: str, revision: str) -> str:
             403: f"the token may not write to {repo_id.split('/')[0]} (a write token with access to it is needed)",
             404: f"{repo_id} (revision {revision}) is not there, or the token cannot see it"}.get(
         status, "the Hub failed; try again later" if status and status >= 500 else "")
-    said = _first_line(error.server_message) if error.server_message else ""
+    said = first_line(error.server_message) if error.server_message else ""
     return (f"{where} failed: HTTP {status} {phrase}" + (f": {hint}" if hint else "")
             + (f" (the Hub said: {said[:200]})" if said else ""))
 
-
-def _first_line(error) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _size(n: int) -> str:

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import UserError
+from ..config import UserError, first_line
 
 
 class ModelError(UserError):
@@ -81,15 +81,15 @@ def _folder(path: Path):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{path}/config.json: transformers cannot read it ({_first_line(e)})") from None
+        raise ModelError(f"{path}/config.json: transformers cannot read it ({first_line(e)})") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype="float32" if _is_recur(config) else "auto")
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelError(f"{path}: not a causal LM transformers can load ({_first_line(e)})") from None
+        raise ModelError(f"{path}: not a causal LM transformers can load ({first_line(e)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{path}: no tokenizer there ({_first_line(e)})") from None
+        raise ModelError(f"{path}: no tokenizer there ({first_line(e)})") from None
     return model, tokenizer
 
 
@@ -104,7 +104,7 @@ def _gguf(folder: Path, name: str):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as e:  # transformers' GGUF reader raises many kinds for a file it cannot read
         raise ModelError(f"{path}: transformers cannot read this GGUF file ({type(e).__name__}: "
-                         f"{_first_line(e)})") from None
+                         f"{first_line(e)})") from None
     return model, tokenizer, Source("gguf", path, folder / "eval")
 
 
@@ -112,8 +112,3 @@ def _is_recur(config) -> bool:
     from recur.modeling import FAMILIES
 
     return config.model_type in FAMILIES
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

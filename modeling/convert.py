@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import UserError
+from ..config import UserError, first_line
 from ..files import atomic_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -42,7 +42,7 @@ def load_folder(src: Path) -> tuple[dict, dict]:
     try:
         config, _ = PretrainedConfig.get_config_dict(str(src))
     except Exception as e:  # transformers raises OSError or EnvironmentError subclasses for a bad JSON
-        raise ConvertError(f"{config_file}: not a readable config ({_first_line(e)})") from None
+        raise ConvertError(f"{config_file}: not a readable config ({first_line(e)})") from None
     files = sorted(src.glob("*.safetensors"))
     if files:
         return config, {k: v for f in files for k, v in _load_safetensors(f).items()}
@@ -58,14 +58,14 @@ def _load_safetensors(path: Path) -> dict:
     try:
         return load_file(path)
     except Exception as e:  # a truncated or foreign file: SafetensorError, OSError, ...
-        raise ConvertError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise ConvertError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
 def _load_torch(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
 
 
 def detect(src: Path):
@@ -110,13 +110,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     try:
         config, state = converter.convert(config_dict, state_dict)
     except (ValueError, KeyError, TypeError) as e:  # converters name the tensor or option; KeyError: a missing field
-        what = f"missing config field {e}" if isinstance(e, KeyError) else _first_line(e)
+        what = f"missing config field {e}" if isinstance(e, KeyError) else first_line(e)
         raise ConvertError(f"{src} ({converter.name}): {what}") from None
     model = AutoModelForCausalLM.from_config(config)
     try:
         load_converted(model, state, f"{src} ({converter.name})")
     except RuntimeError as e:  # a shape the converter did not check
-        raise ConvertError(f"{src} ({converter.name}): {_first_line(e)}") from None
+        raise ConvertError(f"{src} ({converter.name}): {first_line(e)}") from None
     with atomic_folder(dst) as tmp:
         model.save_pretrained(tmp)
         for name in TOKENIZER_FILES if src.is_dir() else ():
@@ -124,10 +124,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> str:
                 shutil.copy2(src / name, tmp / name)
     return config.model_type
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from recur.config import RecipeError
+from recur.config import RecipeError, first_line
 
 from .recipe import Recipe, deep_merge
 
@@ -52,7 +52,7 @@ def model_config(recipe: Recipe, tokenizer):
             config = AutoConfig.from_pretrained(Path(source).expanduser())
         except (OSError, ValueError, KeyError) as e:
             raise RecipeError(f"model.from: transformers cannot read the config in {source} "
-                              f"({_first_line(e)})") from None
+                              f"({first_line(e)})") from None
         try:
             check_vocab(tokenizer, config.vocab_size)
         except DataError as e:
@@ -197,8 +197,3 @@ def build_engine(recipe: Recipe, config, device: torch.device, world_size: int):
     if t.compile:
         engine.compile()
     return engine, precision
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from recur.config import RecipeError
+from recur.config import RecipeError, first_line
 
 
 class NextToken:
@@ -159,7 +159,7 @@ def load_teacher(spec: str, device):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds for a folder or GGUF file it cannot read
         raise RecipeError(f"train.teacher: transformers cannot load {spec} as a causal LM "
-                          f"({type(e).__name__}: {_first_line(e)})") from None
+                          f"({type(e).__name__}: {first_line(e)})") from None
     model.requires_grad_(False)
     return model.to(device).eval()
 
@@ -209,8 +209,3 @@ def build_objective(recipe, config, tokenizer, device, precision: str):
     check_teacher_vocab(teacher, config, tokenizer, t.teacher)
     dtype = torch.bfloat16 if precision == "bf16" and torch.device(device).type == "cuda" else None
     return Distill(teacher, t.distill_temperature, t.distill_weight, dtype)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

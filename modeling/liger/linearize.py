@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ...config import UserError
+from ...config import UserError, first_line
 from ...files import atomic_folder
 from .configuration_liger import METHODS, TEACHER_TYPES, LigerConfig
 
@@ -35,7 +35,7 @@ def teacher_source(path: str, gguf_file: str | None = None):
         config = AutoConfig.from_pretrained(path, **kwargs)
     except Exception as e:  # transformers raises many kinds for a folder or GGUF it cannot read
         what = "GGUF file transformers cannot read or dequantize" if gguf_file else "model folder transformers can read"
-        raise LinearizeError(f"teacher {where}: not a {what} ({type(e).__name__}: {_first_line(e)})") from None
+        raise LinearizeError(f"teacher {where}: not a {what} ({type(e).__name__}: {first_line(e)})") from None
     if config.model_type not in TEACHER_TYPES:
         raise LinearizeError(f"teacher {where} is a {config.model_type!r} model; recur linearize reads Llama-family "
                              f"transformers ({', '.join(TEACHER_TYPES)})")
@@ -52,7 +52,7 @@ def load_teacher(path: str, gguf_file: str | None = None):
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as e:
         raise LinearizeError(f"teacher {folder / kwargs.get('gguf_file', '')}: cannot load its weights or tokenizer "
-                             f"({type(e).__name__}: {_first_line(e)})") from None
+                             f"({type(e).__name__}: {first_line(e)})") from None
     return model.eval(), tokenizer
 
 
@@ -88,10 +88,6 @@ def linearize(teacher: str, out: str, method: str = "liger-gla", window: int = 6
         generation.save_pretrained(tmp)
     return student
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _layers(text: str) -> list[int]:
