@@ -1,4 +1,5 @@
 """The package itself: imports without a GPU, the command line, the installed files, the README's main job."""
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -39,23 +40,30 @@ def test_fla_and_triton_import_without_a_gpu_driver():
 
 
 def test_recipes_and_slurm_folders_are_found_by_the_installed_code(tmp_path, monkeypatch):
-    """Every recipe file in recur.RECIPES_DIR/pretrain loads by its name from any folder, the names that
-    `recur train` offers for an unknown one are exactly those files, and recur.SLURM_DIR holds its README."""
+    """Every recipe file in recur.RECIPES_DIR/pretrain and /linearize loads by its name from any folder (a
+    linearize recipe as `linearize/NAME`), the names that `recur train` offers for an unknown one are exactly
+    those files, and recur.SLURM_DIR holds its README."""
     from recur.train.recipe import RecipeError, find_recipe, load_recipe
 
     monkeypatch.chdir(tmp_path)  # found through the package, not through the working folder
-    folder = recur.RECIPES_DIR / "pretrain"
-    names = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("_"))
+    pretrain, linearize = recur.RECIPES_DIR / "pretrain", recur.RECIPES_DIR / "linearize"
+    names = sorted(p.stem for p in pretrain.glob("*.yaml") if not p.stem.startswith("_"))
+    linearized = sorted(f"linearize/{p.stem}" for p in linearize.glob("*.yaml") if not p.stem.startswith("_"))
     families = ("gla", "hgrn2", "mamba2", "rwkv6", "griffin", "hawk", "titans")
     assert {"quickstart", *(f"{f}-tiny" for f in families)} <= set(names), names  # the README's recipes
+    assert "linearize/liger" in linearized, linearized
     for name in names:
         recipe = load_recipe(name)
-        assert recipe.source == str(folder / f"{name}.yaml")
+        assert recipe.source == str(pretrain / f"{name}.yaml")
         assert recipe.model["type"].startswith("recur_") and recipe.train.max_steps > 0
+    for name in linearized:  # found, read and checked up to the student folder that `recur linearize` writes
+        assert find_recipe(name) == linearize / f"{name.split('/')[1]}.yaml"
+        with pytest.raises(RecipeError, match=r"^model.from: 'runs/[\w-]+/student' is not a model folder"):
+            load_recipe(name)
     with pytest.raises(RecipeError, match=r"not a shipped recipe \(shipped: .*\)$") as refused:
         find_recipe("no-such-recipe")
-    assert refused.value.args[0].split("(shipped: ")[1][:-1].split(", ") == names
-    assert "recur.SLURM_DIR" in (recur.SLURM_DIR / "README.md").read_text()  # (the templates come later)
+    assert refused.value.args[0].split("(shipped: ")[1][:-1].split(", ") == names + linearized
+    assert "recur.SLURM_DIR" in (recur.SLURM_DIR / "README.md").read_text()
 
 
 @pytest.mark.slow  # builds the wheel
@@ -119,3 +127,20 @@ def test_kernel_benchmark_prints_a_table():
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [l for l in r.stdout.splitlines() if l.startswith("| ")]
     assert len(lines) == 1 + 7  # header + one row per function
+
+
+def test_a_checkout_on_sys_path_does_not_hide_hugging_faces_kernels_package():
+    """The repository root is the package `recur`; `python -m` in a checkout puts it on sys.path, where its
+    `kernels/` folder would shadow Hugging Face's `kernels` package, which transformers imports."""
+    code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]); import kernels, recur.kernels; "
+            "import transformers.modeling_utils; "
+            "print(importlib.util.find_spec('kernels') is not None, kernels.__file__, recur.kernels.__file__)")
+    r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hub_kernels, ours = r.stdout.split()[1:]
+    assert pathlib.Path(ours).parent == pathlib.Path(ROOT, "kernels")
+    try:
+        importlib.metadata.distribution("kernels")  # Hugging Face's (transformers >= 5.25 requires it)
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert not pathlib.Path(hub_kernels).is_relative_to(pathlib.Path(ROOT, "kernels")), hub_kernels
