@@ -54,6 +54,12 @@ def main(argv=None) -> int:
                    add_help=False)
     sub.add_parser("push", help="push a model (exported from a checkpoint if need be) to the Hugging Face Hub, "
                    "with a model card", add_help=False)
+    sub.add_parser("submit", help="submit a recipe to SLURM (recur submit RECIPE --nodes N --gpus-per-node G ...): "
+                   "srun, one task per GPU, continues itself after preemption and time limits", add_help=False)
+    sub.add_parser("submit-eval", help="submit recur eval of a run's checkpoints to SLURM as a job array",
+                   add_help=False)
+    sub.add_parser("status", help="a run at a glance: its SLURM jobs, step, loss, tokens/s, ETA, checkpoints, "
+                   "evaluations", add_help=False)
     from recur.modeling import FAMILIES  # (a family may bring a command of its own, e.g. linearize)
 
     family_commands = {name: target for family in FAMILIES.values() for name, (_, target) in family.commands.items()}
@@ -93,6 +99,12 @@ def main(argv=None) -> int:
         from recur.eval.harness import main as job
     elif args.command == "push":
         from recur.eval.hub import main as job
+    elif args.command == "submit":
+        from recur.train.submit import submit_main as job
+    elif args.command == "submit-eval":
+        from recur.train.submit import submit_eval_main as job
+    elif args.command == "status":
+        from recur.train.slurm import status_main as job
     elif args.command == "tokenizer":
         from recur.data.tokenizer import main as job
     elif args.command == "data":

@@ -6,7 +6,7 @@
           format: auto          # auto | text | jsonl | parquet | wikiextractor | hub | builtin
           weight: 1.0           # mixture weight (relative)
           text_field: text      # jsonl / parquet / hub column
-      tokenizer: byte           # byte | a tokenizer folder | a .gguf file
+      tokenizer: byte           # byte | a tokenizer folder | a .gguf file | a Hub repo id (org/name)
       seq_len: 512
       validation_fraction: 0.01 # documents held out, chosen by a hash of their position (stable)
       seed: 0

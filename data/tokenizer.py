@@ -11,6 +11,7 @@ fewer than 90% of --vocab-size tokens; sentencepiece cannot make --vocab-size pi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import re
@@ -41,16 +42,78 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as a Hub repo id
+
+
+class TokenizerNotCached(DataError):
+    """A Hub tokenizer that is not in the Hugging Face cache, with the Hub unreachable by choice (HF_HUB_OFFLINE)."""
+
+    def __init__(self, message: str, cache: str):
+        super().__init__(message)
+        self.cache = cache
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (set now, not when it was imported)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+# What a tokenizer is made of on the Hub (no weights): transformers' file names, sentencepiece models, the config
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+                   "*.tiktoken", "chat_template*", "config.json"]
+
+
+def hub_tokenizer(repo_id: str):
+    """A tokenizer from the Hub, through the Hugging Face cache: fetched by the first process to ask (under a
+    file lock in the cache, so the ranks of a node, or of every node on a shared cache, fetch it once), read
+    from the cache by every other one, without a request. Only the tokenizer's files are fetched."""
+    from filelock import FileLock
+    from huggingface_hub import constants, snapshot_download
+    from transformers import AutoTokenizer
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        os.makedirs(os.path.join(cache, ".locks"), exist_ok=True)
+        lock = FileLock(os.path.join(cache, ".locks", f"recur-tokenizer--{repo_id.replace('/', '--')}.lock"))
+    except OSError:  # a read-only cache: no lock, every process reads it as it is
+        lock = None
+    with lock if lock is not None else contextlib.nullcontext():
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=TOKENIZER_FILES, local_files_only=True)
+        except Exception as e:  # not in the cache
+            if hub_offline():
+                raise TokenizerNotCached(f"tokenizer {repo_id!r}: not in the Hugging Face cache ({cache}) and "
+                                         "HF_HUB_OFFLINE is set: fetch it once where the Hub is reachable (recur "
+                                         "submit does), or give a tokenizer folder", cache) from e
+            try:
+                folder = snapshot_download(repo_id, allow_patterns=TOKENIZER_FILES)
+            except Exception as e:
+                raise DataError(f"tokenizer {repo_id!r}: no such file or folder here, and the Hub did not give it "
+                                f"({type(e).__name__}: {_first_line(e)})") from e
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise DataError(f"tokenizer {repo_id!r}: cannot load it from {folder} ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+
+
 def load_tokenizer(spec: str):
-    """`byte`, a tokenizer folder, or a .gguf file (its embedded tokenizer); must have an eos token."""
+    """`byte`, a tokenizer folder, a .gguf file (its embedded tokenizer), or a Hub repo id (org/name, fetched
+    once into the Hugging Face cache); must have an eos token."""
     from transformers import AutoTokenizer
 
     if spec == "byte":
         tokenizer = byte_tokenizer()
+    elif not os.path.exists(os.path.expanduser(spec)) and HUB_ID.match(spec) and not spec.endswith(".gguf"):
+        tokenizer = hub_tokenizer(spec)
     else:
         path = os.path.expanduser(spec)
         if not os.path.exists(path):
-            raise DataError(f"tokenizer {spec!r}: no such file or folder (use 'byte', a tokenizer folder or a .gguf file)")
+            raise DataError(f"tokenizer {spec!r}: no such file or folder (use 'byte', a tokenizer folder, a .gguf "
+                            "file or a Hub repo id like EleutherAI/gpt-neox-20b)")
         try:
             if path.endswith(".gguf"):
                 tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))

@@ -42,7 +42,7 @@ def test_fla_and_triton_import_without_a_gpu_driver():
 def test_recipes_and_slurm_folders_are_found_by_the_installed_code(tmp_path, monkeypatch):
     """Every recipe file in recur.RECIPES_DIR/pretrain and /linearize loads by its name from any folder (a
     linearize recipe as `linearize/NAME`), the names that `recur train` offers for an unknown one are exactly
-    those files, and recur.SLURM_DIR holds its README."""
+    those files, and recur.SLURM_DIR holds its README and the templates `recur submit` renders."""
     from recur.train.recipe import RecipeError, find_recipe, load_recipe
 
     monkeypatch.chdir(tmp_path)  # found through the package, not through the working folder
@@ -64,6 +64,8 @@ def test_recipes_and_slurm_folders_are_found_by_the_installed_code(tmp_path, mon
         find_recipe("no-such-recipe")
     assert refused.value.args[0].split("(shipped: ")[1][:-1].split(", ") == names + linearized
     assert "recur.SLURM_DIR" in (recur.SLURM_DIR / "README.md").read_text()
+    for template in ("train.sbatch", "eval.sbatch", "local_cluster.py"):
+        assert (recur.SLURM_DIR / template).is_file(), template
 
 
 @pytest.mark.slow  # builds the wheel
@@ -79,7 +81,7 @@ def test_wheel_holds_every_subpackage_and_the_templates(tmp_path):
     assert "recur/kernels/chunk.py" in names and "recur/cli.py" in names
     recipes = sorted(p.relative_to(ROOT).as_posix() for p in pathlib.Path(ROOT, "recipes").rglob("*") if p.is_file())
     assert recipes and all(f"recur/{r}" in names for r in recipes), recipes  # every recipe file and README
-    assert "recur/slurm/README.md" in names
+    assert all(f"recur/slurm/{f}" in names for f in ("README.md", "train.sbatch", "eval.sbatch", "local_cluster.py"))
     assert not any(n.startswith("recur/tests/") for n in names)
 
 

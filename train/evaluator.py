@@ -1,4 +1,9 @@
-"""Evaluation during training: the token-mean validation loss over every rank's held-out batches."""
+"""Evaluation during training: the token-mean validation loss over every rank's held-out batches.
+
+A stop signal during an evaluation ends it (EvalInterrupted): the ranks agree at every held-out batch
+(one small all-reduce), and rank 0 inside lm-eval raises at once while the others wait for it. The
+trainer then saves without the step's metrics line, and the resumed run evaluates that step again.
+"""
 from __future__ import annotations
 
 import math
@@ -19,15 +24,23 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class EvalInterrupted(BaseException):
+    """A stop signal arrived during an evaluation (BaseException: lm-eval's `except Exception` lets it pass)."""
+
+
 class Evaluator:
     """Validation loss every `eval_every` steps (and at the last step). This rank's held-out batches
     are read once, at the first evaluation, and kept: the same set every time, as many on every rank
     (a streamed source's held-out documents are few and far between). With `eval.tasks`, rank 0 then
     runs lm-eval on the live model through `recur eval`'s own code while the other ranks wait."""
 
-    def __init__(self, recipe, tokenizer, env, device):
+    def __init__(self, recipe, tokenizer, env, device, stop=None):
         self.recipe, self.tokenizer, self.env, self.device = recipe, tokenizer, env, device
+        self.stop = stop  # train/stop.py's StopPolicy: a signal ends the evaluation
         self.batches = None
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.local()
 
     def due(self, step: int) -> bool:
         every = self.recipe.eval_every
@@ -42,7 +55,10 @@ class Evaluator:
         batches, source = [], iter(loader)
         while recipe.eval_batches is None or len(batches) < recipe.eval_batches:
             batch = next(source, None)
-            if all_reduce([batch is None], self.device, "max")[0]:  # stop when any rank runs out
+            ended, stop = all_reduce([batch is None, self._stopping()], self.device, "max")
+            if stop:
+                raise EvalInterrupted()
+            if ended:  # stop when any rank runs out
                 break
             batches.append(batch)
         return batches
@@ -55,6 +71,9 @@ class Evaluator:
         engine.eval()
         with torch.no_grad():
             for batch in self.batches:
+                if all_reduce([self._stopping()], self.device, "max")[0]:  # every rank at the same batch
+                    engine.train()
+                    raise EvalInterrupted()
                 n = scored_tokens(batch)
                 if n:
                     batch = to_device(batch, self.device)
@@ -74,7 +93,7 @@ class Evaluator:
         """`task/metric` -> value of the recipe's eval.tasks, computed on rank 0 (ZeRO 1/2: whole weights)."""
         import torch.distributed as dist
 
-        record = {}
+        record, interrupted = {}, False
         if self.env.is_main:
             from pathlib import Path
 
@@ -85,12 +104,22 @@ class Evaluator:
             data_dir = Path(e.data_dir).expanduser() if e.data_dir else default_data_dir()
             was_training = model.training
             model.eval()
-            with torch.no_grad():
-                results = evaluate(model, self.tokenizer, list(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit,
-                                   batch_size=e.batch_size, max_length=self.recipe.data.seq_len,
-                                   include_paths=[Path(p).expanduser() for p in e.include_path], data_dir=data_dir,
-                                   device=str(self.device))
+            try:
+                with torch.no_grad(), self._interruptible():
+                    results = evaluate(model, self.tokenizer, list(e.tasks), num_fewshot=e.num_fewshot,
+                                       limit=e.limit, batch_size=e.batch_size, max_length=self.recipe.data.seq_len,
+                                       include_paths=[Path(p).expanduser() for p in e.include_path],
+                                       data_dir=data_dir, device=str(self.device))
+                record = flat_metrics(results)
+            except EvalInterrupted:
+                interrupted = True
             model.train(was_training)
-            record = flat_metrics(results)
         dist.barrier()
+        if all_reduce([interrupted], self.device, "max")[0]:
+            raise EvalInterrupted()
         return record
+
+    def _interruptible(self):
+        from contextlib import nullcontext
+
+        return nullcontext() if self.stop is None else self.stop.interrupting(EvalInterrupted)

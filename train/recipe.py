@@ -39,6 +39,8 @@ A recipe (every key but model.type and train.max_steps has a default):
       save_every: 1000          # a checkpoint every N steps (and at the end, and on SIGTERM / SIGUSR1)
       keep_checkpoints: 3       # keep the last K
       max_bad_steps: 5          # stop after this many non-finite steps in a row
+      stop_margin_s: 240        # in a SLURM job with a time limit (SLURM_JOB_END_TIME): save and stop (exit 75)
+                                # this many seconds before the job's end, should its warning signal be lost
       deepspeed: {}             # merged into the generated DeepSpeed config (e.g. an "optimizer" section)
       trainable: []             # regexes searched in parameter names: only those train (with lora: those besides
                                 # the LoRA weights); [] and lora null: every parameter trains
@@ -120,6 +122,7 @@ class TrainConfig:
     save_every: int = 1000
     keep_checkpoints: int = 3
     max_bad_steps: int = 5
+    stop_margin_s: float = 240.0
     deepspeed: dict = field(default_factory=dict)
     trainable: list = field(default_factory=list)
     lora: dict | None = None
@@ -242,7 +245,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
     if world_size is not None and t.global_batch % (t.micro_batch * world_size):
         raise RecipeError(f"train.global_batch: {t.global_batch} is not divisible by world size {world_size} x "
                           f"train.micro_batch {t.micro_batch}")
-    for key in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+    for key in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "stop_margin_s"):
         if getattr(t, key) < 0:
             raise RecipeError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     if t.min_lr > t.lr:

@@ -39,13 +39,19 @@ class TrainState:
     loader: object  # this rank's StatefulDataLoader
     step: int = 0
     tokens: int = 0
+    rewound: dict | None = None  # the loader state to save instead of the loader's own (see rewind)
 
     def advance(self, tokens: int) -> None:
         self.step += 1
         self.tokens += tokens
 
+    def rewind(self, loader_state: dict) -> None:
+        """Save this loader state from now on: the one from before a wait for data that a stop interrupted."""
+        self.rewound = loader_state
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "rng": rng_states(), "loader": self.loader.state_dict()}
+        loader = self.rewound if self.rewound is not None else self.loader.state_dict()
+        return {"step": self.step, "tokens": self.tokens, "rng": rng_states(), "loader": loader}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]

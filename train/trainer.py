@@ -1,9 +1,11 @@
 """`recur train RECIPE.yaml [dotted.key=value ...]`: pretrain a recur model with DeepSpeed.
 
 The loop (`Trainer.fit`), once per optimizer step:
-  1. the ranks agree, in one small all-reduce, whether a stop signal (SIGTERM / SIGUSR1) arrived
-     on any rank, whether any rank's data ended, and the number of scored tokens in the global
-     batch; each rank has taken its micro-batches from its own data loader (exactly resumable);
+  1. the ranks agree, in one small all-reduce, whether a stop signal (SIGTERM / SIGUSR1, or the
+     SLURM job's end time near: train/stop.py) arrived on any rank, whether any rank's data ended,
+     and the number of scored tokens in the global batch; each rank has taken its micro-batches from
+     its own data loader (exactly resumable; a signal during that wait ends it, and the loader state
+     from before the step is saved);
   2. the learning rate is set from the step (train/schedule.py);
   3. forward, backward and `engine.step()` per micro-batch: DeepSpeed accumulates, averages over
      ranks, clips and steps AdamW at the boundary (ZeRO 1/2/3 from the recipe). Each micro-batch's
@@ -43,13 +45,13 @@ from . import flops, schedule
 from .checkpoint import Checkpointer, CheckpointError, clean_partial
 from .distributed import DistEnv, all_reduce, launched_env, single_process_env
 from .engine import TrainingError, build_engine, import_deepspeed, model_config, resolve_precision
-from .evaluator import Evaluator, scored_tokens, to_device
+from .evaluator import EvalInterrupted, Evaluator, scored_tokens, to_device
 from .metrics import MetricsLogger, plot_loss
 from .objectives import NextToken, build_objective
 from .recipe import Recipe, RecipeError, load_recipe
 from .rundir import RunDirLock, check_fits, make_run_dir
 from .state import TrainState
-from .stop import StopPolicy
+from .stop import DataWaitInterrupted, StopPolicy
 
 EXIT_STOPPED = 75  # stopped by a signal after saving a checkpoint: run again with resume=auto (EX_TEMPFAIL)
 
@@ -64,18 +66,44 @@ def load_tokenizer_and_config(recipe: Recipe):
     return tokenizer, model_config(recipe, tokenizer)
 
 
-def preflight(recipe: Recipe, make_dir: bool = True):
+def preflight(recipe: Recipe, make_dir: bool = True, offline: list | None = None):
     """What can be checked before any process starts or anything is written: the run dir is not a
     file, the tokenizer loads, the model config builds, the data sources exist and hold text; then
-    the run dir is made (`make_dir`)."""
+    the run dir is made (`make_dir`).
+
+    `offline` (a list: --check, recur submit --dry-run): with HF_HUB_OFFLINE=1, a Hub tokenizer that is
+    not in the Hugging Face cache and the Hub datasets are not checked (a stand-in byte tokenizer
+    checks the rest); what was left unchecked is appended to the list, for one line."""
+    import dataclasses
+
     from recur.data import PackedDataset
+    from recur.data.tokenizer import TokenizerNotCached, byte_tokenizer, hub_offline
 
     run_dir = Path(recipe.run_dir).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"run_dir: {run_dir} exists and is a file, not a folder")
-    tokenizer, config = load_tokenizer_and_config(recipe)
-    if recipe.data.prepared is None:
-        PackedDataset(recipe.data, tokenizer, "train")  # every source found and readable, or one line
+    data = recipe.data
+    if offline is not None and hub_offline():
+        from recur.data import DataError, load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(data.tokenizer)
+        except TokenizerNotCached as e:
+            offline.append(f"tokenizer {data.tokenizer!r} would be fetched from the Hub into {e.cache} (the rest "
+                           "was checked with a stand-in byte tokenizer)")
+            tokenizer = byte_tokenizer()
+        except DataError as e:
+            raise RecipeError(f"data.tokenizer: {e}") from None
+        config = model_config(recipe, tokenizer)
+        hub = [s.path for s in data.sources if s.format == "hub"]
+        if hub:
+            offline.append(f"Hub dataset{'s' if len(hub) > 1 else ''} {', '.join(map(repr, hub))} (streamed at run time)")
+            local = [s for s in data.sources if s.format != "hub"]
+            data = dataclasses.replace(data, sources=local) if local else None
+    else:
+        tokenizer, config = load_tokenizer_and_config(recipe)
+    if data is not None and data.prepared is None:
+        PackedDataset(data, tokenizer, "train")  # every source found and readable, or one line
     if make_dir:
         make_run_dir(run_dir)  # (only now: a run that cannot start leaves no folder behind)
     return tokenizer, config
@@ -100,6 +128,7 @@ class Trainer:
         self.flops_per_token, self.flops_formula = flops.flops_per_token(engine.module, recipe.data.seq_len)
         peak, self.peak_source = flops.device_peak(self.device, torch.bfloat16 if precision == "bf16" else torch.float32)
         self.peak = all_reduce([peak], self.device)[0] / env.world_size  # every rank measured at once: their mean
+        self.pending = None  # a step's metrics line whose evaluation a stop interrupted (saved, done again on resume)
 
     def fit(self) -> int:
         """Train to max_steps; returns the exit code (EXIT_STOPPED after a stop signal)."""
@@ -109,12 +138,26 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                    mininterval=1.0, disable=not (self.env.is_main and self.recipe.log.progress))
         data, window = iter(state.loader), [0, 0.0]  # tokens and seconds since the last log line
+        if self.pending is not None:  # the evaluation a stop interrupted, before the checkpoint was saved
+            try:
+                self.log_pending()
+            except EvalInterrupted:
+                return self.stopped()
         while state.step < t.max_steps:
             start = time.perf_counter()
             if self.stop.requested(self.device):  # before taking data: the saved loader state must not
                 return self.stopped()               # include batches that were never trained on
-            batches = [b for _, b in zip(range(self.gas), data)]
-            ended, n_global = all_reduce([len(batches) < self.gas, sum(map(scored_tokens, batches))], self.device)
+            before = state.loader.state_dict()  # (saved instead, should a stop signal end the wait for data)
+            try:
+                with self.stop.interrupting(DataWaitInterrupted):
+                    batches, interrupted = [b for _, b in zip(range(self.gas), data)], False
+            except DataWaitInterrupted:
+                batches, interrupted = [], True
+            ended, n_global, interrupted = all_reduce(
+                [len(batches) < self.gas and not interrupted, sum(map(scored_tokens, batches)), interrupted], self.device)
+            if interrupted:  # any rank: every rank saves its loader as it was before this step
+                state.rewind(before)
+                return self.stopped()
             if ended:
                 self.say(f"the training data ended at step {state.step} (data.epochs = {self.recipe.data.epochs})")
                 break
@@ -126,9 +169,13 @@ class Trainer:
             bad = self.stop.step_was_bad(state.step, grad_norm, applied, self.last_saved)
             window[0], window[1] = window[0] + self.tokens_per_step, window[1] + time.perf_counter() - start
             bar.update(1)
+            self.stop.after_first_step(self.say)  # the job's end-time timer starts after this job's first step
             if bad or state.step % t.log_every == 0 or self.evaluator.due(state.step) or state.step == t.max_steps:
                 loss = all_reduce([loss_sum.item()], self.device)[0] / n_global
-                self.log_step(loss, lr, grad_norm, applied, window)
+                try:
+                    self.log_step(loss, lr, grad_norm, applied, window)
+                except EvalInterrupted:
+                    return self.stopped()
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{window[0] / max(window[1], 1e-9):,.0f}", refresh=False)
                 window = [0, 0.0]
             if state.step % t.save_every == 0 and not bad:
@@ -166,7 +213,16 @@ class Trainer:
         if not applied:
             record["skipped"] = True
         if self.evaluator.due(step):
+            self.pending = dict(record)  # until the evaluation ends (EvalInterrupted: saved with the checkpoint)
             record.update(self.evaluator(self.engine))
+            self.pending = None
+        self.metrics.log(record)
+
+    def log_pending(self) -> None:
+        """The metrics line of the step a stop interrupted the evaluation of: evaluated now, then logged."""
+        record = dict(self.pending)
+        record.update(self.evaluator(self.engine))
+        self.pending = None
         self.metrics.log(record)
 
     def save(self) -> None:
@@ -176,7 +232,8 @@ class Trainer:
         self.checkpointer.save(self.engine, self.state, self.config, self.tokenizer,
                                {"model_type": self.config.model_type, "seq_len": self.recipe.data.seq_len,
                                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
-                                "lora": self.recipe.train.lora, "trainable": self.recipe.train.trainable})
+                                "lora": self.recipe.train.lora, "trainable": self.recipe.train.trainable,
+                                **({"pending_record": self.pending} if self.pending is not None else {})})
         self.last_saved = self.state.step
 
     def stopped(self) -> int:
@@ -266,7 +323,7 @@ def run(recipe: Recipe, env: DistEnv) -> int:
     except UserError as e:
         error = e
     _agree(env, error)
-    stop = StopPolicy(recipe.train.max_bad_steps)
+    stop = StopPolicy(recipe.train.max_bad_steps, recipe.train.stop_margin_s)
     try:
         checkpointer = Checkpointer(run_dir / "checkpoints", env, recipe.train.keep_checkpoints)
         resume, fallback = checkpointer.resume_point(recipe.resume, run_dir)
@@ -278,9 +335,9 @@ def run(recipe: Recipe, env: DistEnv) -> int:
                               split="train")
         objective = build_objective(recipe, config, tokenizer, device, resolve_precision(recipe, device))
         engine, precision = build_engine(recipe, config, device, env.world_size)
-        state = TrainState(loader)
+        state, saved = TrainState(loader), {}
         if resume is not None:
-            checkpointer.load(engine, *resume, state)
+            saved = checkpointer.load(engine, *resume, state)
             say(f"resumed from {resume[0] / resume[1]} at step {state.step} ({state.tokens:,} tokens)")
         dist.barrier()
         if env.is_main:  # the first writes into the run dir (the lock file aside)
@@ -292,8 +349,9 @@ def run(recipe: Recipe, env: DistEnv) -> int:
                 f"resumed from {fallback['resumed_from']} instead")
             metrics.log({"step": state.step, **fallback})
         trainer = Trainer(recipe, env, engine, config, tokenizer, state, checkpointer, metrics,
-                          Evaluator(recipe, tokenizer, env, device), stop, precision, say)
+                          Evaluator(recipe, tokenizer, env, device, stop), stop, precision, say)
         trainer.objective = objective
+        trainer.pending = saved.get("pending_record")
         describe(trainer, precision, say)
         return trainer.fit()
     finally:
@@ -348,11 +406,14 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # RecipeError: one line, exit 2 (the command line)
     world = env.world_size if env is not None else recipe.nproc
     recipe = load_recipe(args.recipe, args.overrides, world_size=world)
+    unchecked = [] if args.check else None
     if env is None or env.is_main:
-        preflight(recipe, make_dir=not args.check)
+        preflight(recipe, make_dir=not args.check, offline=unchecked)
     if args.check:
         import yaml
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        if unchecked:
+            print(f"offline (HF_HUB_OFFLINE=1), not checked: {'; '.join(unchecked)}", file=sys.stderr)
         return 0
     if env is None and recipe.nproc > 1:
         run_dir = make_run_dir(Path(recipe.run_dir).expanduser())
