@@ -14,7 +14,7 @@ token for decoding (per-step tensors [B, H, ...]; impl="auto"|"naive"|"triton": 
 recurrent kernels on CUDA, the PyTorch step elsewhere). `pack_to_padded` / `padded_to_pack`
 convert a packed batch (cu_seqlens) to padded rows and back.
 """
-if __name__ != "recur.kernels":
+if __name__ == "kernels":
     # The repository root is the package `recur`, so with the root on sys.path (`python -m ...` run in a
     # checkout) `import kernels` finds this folder instead of Hugging Face's `kernels` package, which
     # transformers imports when it is installed. Hand such an import over to that package.

@@ -1,7 +1,7 @@
 """A real one-node SLURM cluster for the tests: recur's own slurm/local_cluster.py (which a user runs to try
 `recur submit` on a laptop), started once per test process.
 
-- `cluster` (session; tests/test_slurm.py puts its tests in one xdist group, so one worker starts it): Debian's slurm-wlm and munge, installed with apt-get when they are missing and this
+- `cluster` (session): Debian's slurm-wlm and munge, installed with apt-get when they are missing and this
   process may (root, apt-get), else the test is skipped with the reason; munged as the munge user,
   slurmctld and slurmd from a config in a temporary folder (node `localhost`, 2 CPUs,
   proctrack/linuxproc, task/none), stopped at the end by process id.
