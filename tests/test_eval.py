@@ -206,13 +206,13 @@ def test_recur_eval_equals_lm_evals_own_cli_on_smollm2(tmp_path):
     tasks_dir = tmp_path / "tasks"
     local_tasks.write_local_tasks(list(local_tasks.STOCK), data, tasks_dir)
     names = "lambada_openai,piqa,hellaswag,wikitext"
-    ours = recur("eval", str(gguf.parent), "--gguf-file", gguf.name, "--tasks", names, "--limit", "3",
+    ours = recur("eval", str(gguf.parent), "--gguf-file", gguf.name, "--tasks", names, "--limit", "2",
                  "--include-path", str(tasks_dir), "--output-path", str(tmp_path / "ours"), "--max-length", "1024")
     assert ours.returncode == 0, ours.stderr[-3000:]
     theirs = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
          f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32,max_length=1024",
-         "--tasks", names, "--include_path", str(tasks_dir), "--limit", "3", "--batch_size", "1", "--device", "cpu",
+         "--tasks", names, "--include_path", str(tasks_dir), "--limit", "2", "--batch_size", "1", "--device", "cpu",
          "--output_path", str(tmp_path / "theirs")],
         capture_output=True, text=True, env={**os.environ, **OFFLINE, "OMP_NUM_THREADS": "1"}, timeout=900)
     assert theirs.returncode == 0, theirs.stderr[-3000:]

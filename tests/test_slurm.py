@@ -324,7 +324,7 @@ def test_the_job_end_time_checkpoints_before_it_and_the_run_resumes_exactly(refe
 
 # ----------------------------------------------------------------------------------------- a real SLURM cluster
 
-STEPS = 6
+STEPS = 4
 TINY = ["gla-tiny", "--gpus-per-node", "0", "--tasks-per-node", "2", f"train.max_steps={STEPS}",
         "train.warmup_steps=1", "train.save_every=2", "train.log_every=1", "train.global_batch=4",
         "train.micro_batch=2", "data.seq_len=64", "eval_every=3", "eval_batches=1", "log.progress=false",
@@ -434,15 +434,15 @@ def test_submit_runs_the_tiny_recipe_on_two_cpu_tasks(slurm, slurm_reference):
     summary = (run / "slurm" / f"env-{job}-0.txt").read_text()
     assert "SLURM_NTASKS=2" in summary and "MASTER_PORT=" in summary
     log = (run / "logs" / f"recur-gla-tiny-{job}.out").read_text()
-    assert f"recur: job {job} (restart 0) starts" in log and "the run finished (step 6)" in log
+    assert f"recur: job {job} (restart 0) starts" in log and f"the run finished (step {STEPS})" in log
     rank0 = (run / "logs" / f"recur-gla-tiny-{job}-rank0.out").read_text()
-    assert "run: 2 process(es) [slurm]" in rank0 and "done: step 6" in rank0
+    assert "run: 2 process(es) [slurm]" in rank0 and f"done: step {STEPS}" in rank0
     assert (run / "logs" / f"recur-gla-tiny-{job}-rank1.out").exists()
     status = recur_cli("status", str(run), env=slurm.env)
     assert status.returncode == 0, status.stderr
     assert f"{job} train: ended (finished, exit 0)" in status.stdout
     assert f"progress: step {STEPS} of {STEPS} (100.0%)" in status.stdout
-    assert "checkpoints: step_00000004, step_00000006 (latest)" in status.stdout
+    assert "checkpoints: step_00000002, step_00000004 (latest)" in status.stdout
     # a second submission to a run dir that holds checkpoints, without resume=auto: refused, nothing submitted
     line = one_error_line(recur_cli("submit", *TINY, f"run_dir={run}", env=slurm.env))
     assert "set resume=auto" in line
@@ -457,7 +457,7 @@ def test_the_warning_signal_mid_run_checkpoints_requeues_and_resumes_exactly(slu
     job = submit(slurm, run, "--template", str(paused_template(tmp_path)), "export=false")
     wait_for_markers(run)
     status = recur_cli("status", str(run), env=slurm.env).stdout
-    assert f"{job} train: running, " in status and "progress: step 2 of 6 (33.3%)" in status, status
+    assert f"{job} train: running, " in status and "progress: step 2 of 4 (50.0%)" in status, status
     subprocess.run(["scancel", "--signal=USR1", job], env={**os.environ, **slurm.env}, check=True)
     release_when_pending(slurm, job)
     records = wait_until_done(run, cluster=slurm)
@@ -524,18 +524,18 @@ def test_submit_eval_runs_an_array_over_the_checkpoints_and_status_shows_the_res
     args = ["submit-eval", str(run), "--tasks", "cats", "--every-checkpoint", "--gpus", "0", "--include-path",
             str(tasks), "--limit", "2"]
     dry = recur_cli(*args, "--dry-run", env=slurm.env)
-    assert dry.returncode == 0 and "#SBATCH --array=0-1" in dry.stdout and "TAGS=(step_00000004 step_00000006)" in dry.stdout
+    assert dry.returncode == 0 and "#SBATCH --array=0-1" in dry.stdout and "TAGS=(step_00000002 step_00000004)" in dry.stdout
     result = recur_cli(*args, env=slurm.env)
     assert result.returncode == 0, result.stderr[-2000:]
     job = re.search(r"submitted job array (\d+)", result.stdout).group(1)
     deadline = time.time() + 900
     while squeue(slurm, job) and time.time() < deadline:
         time.sleep(1)
-    for tag in ("step_00000004", "step_00000006"):
+    for tag in ("step_00000002", "step_00000004"):
         (saved,) = (run / "eval" / tag).glob("results_*.json")
         assert "cats" in json.loads(saved.read_text())["results"]
     status = recur_cli("status", str(run), env=slurm.env)
-    assert "| checkpoint | cats/acc |" in status.stdout and "| step_00000006 |" in status.stdout, status.stdout
+    assert "| checkpoint | cats/acc |" in status.stdout and "| step_00000004 |" in status.stdout, status.stdout
     again = recur_cli(*args, env=slurm.env)  # every checkpoint has its results: nothing to submit
     assert again.returncode == 0 and "nothing to evaluate" in again.stdout
     line = one_error_line(recur_cli("submit-eval", str(run), "--tasks", "no_such_task_xyz", env=slurm.env))
