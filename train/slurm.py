@@ -68,8 +68,9 @@ def record(run_dir, event: str, **fields) -> dict:
     return entry
 
 
-def read_records(run_dir) -> list[dict]:
-    path = slurm_dir(run_dir) / JOBS
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete line of a JSON-lines file (a line cut short by a kill is skipped); [] if it is missing.
+    (train/metrics.py's read_metrics does the same for metrics.jsonl; this file stays standard library only.)"""
     records = []
     for line in path.read_text().splitlines() if path.exists() else []:
         try:
@@ -77,6 +78,10 @@ def read_records(run_dir) -> list[dict]:
         except ValueError:
             continue
     return records
+
+
+def read_records(run_dir) -> list[dict]:
+    return read_jsonl(slurm_dir(run_dir) / JOBS)
 
 
 def latest_step(run_dir) -> int | None:
@@ -241,7 +246,7 @@ def _duration(seconds: float) -> str:
 
 
 def progress_line(run_dir, max_steps: int | None) -> str:
-    records = [r for r in _metrics(run_dir) if "loss" in r]
+    records = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r]
     if not records:
         return "progress: no metrics yet"
     last = records[-1]
@@ -257,17 +262,6 @@ def progress_line(run_dir, max_steps: int | None) -> str:
         per_step = last.get("tokens", 0) / step
         text += f", ETA {_duration((max_steps - step) * per_step / tokens_per_s)} of training"
     return text
-
-
-def _metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _max_steps(run_dir) -> int | None:

@@ -177,9 +177,13 @@ def validate(args):
     return recipe, notes, world, tasks
 
 
+def job_name(args, recipe) -> str:
+    return args.job_name or f"recur-{Path(recipe.source.split(' with ')[0]).stem}"
+
+
 def render_train(args, recipe, tasks: int, cwd: str) -> str:
     run_dir = Path(recipe.run_dir)
-    name = args.job_name or f"recur-{Path(recipe.source.split(' with ')[0]).stem}"
+    name = job_name(args, recipe)
     options = [("job-name", name), ("nodes", args.nodes), ("ntasks-per-node", tasks),
                ("gpus-per-node", args.gpus_per_node or None), ("cpus-per-task", args.cpus_per_task),
                ("partition", args.partition), ("account", args.account), ("qos", args.qos), ("time", args.time),
@@ -267,7 +271,7 @@ def submit_main(argv=None) -> int:
         raise
     slurm.record(run_dir, "submitted", job=job, kind="train", nodes=args.nodes, tasks=world,
                  recipe=recipe.source, continue_mode=args.continue_mode)
-    name = args.job_name or f"recur-{Path(recipe.source.split(' with ')[0]).stem}"
+    name = job_name(args, recipe)
     print(f"submitted job {job}: {world} task(s) on {args.nodes} node(s)\n"
           f"  run dir:   {run_dir}\n"
           f"  job log:   {run_dir}/logs/{name}-{job}.out\n"
