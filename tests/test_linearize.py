@@ -92,6 +92,31 @@ def test_chunked_equals_step_by_step_equals_cached_generation(method):
     assert size(short, 0) == size(long, 0) and size(short, 2) == size(long, 2)
 
 
+def test_a_learned_window_weight_starts_at_the_fixed_one_and_trains(tmp_path):
+    model = teacher("llama")
+    fixed, _ = from_teacher(model, method="liger-gla", window=5, sinks=2, window_weight=0.9, normalize=True)
+    learned, _ = from_teacher(model, method="liger-gla", window=5, sinks=2, window_weight=0.9, normalize=True,
+                              learn_window_weight=True)
+    mix = learned.model.layers[0].self_attn.window_mix
+    assert mix.shape == (COMMON["num_attention_heads"],)
+    torch.testing.assert_close(torch.sigmoid(mix), torch.full_like(mix, 0.9))
+    x = ids(2, 23)
+    with torch.no_grad():
+        torch.testing.assert_close(learned(x, use_cache=False).logits, fixed(x, use_cache=False).logits)
+        mix.copy_(torch.tensor([-3.0, 0.0, 1.0, 4.0]))  # each head its own weight: cached still equals full
+        full = learned(x, use_cache=False).logits
+        cache_out = learned(x[:, :9], use_cache=True)
+        rest = learned(x[:, 9:], past_key_values=cache_out.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(torch.cat([cache_out.logits, rest], 1), full, atol=1e-5, rtol=1e-5)
+    learned(x, labels=x).loss.backward()
+    assert mix.grad is not None and mix.grad.abs().sum() > 0
+    learned.save_pretrained(tmp_path / "s")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    torch.testing.assert_close(again.model.layers[0].self_attn.window_mix, mix)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, use_cache=False).logits, full)
+
+
 def test_cli_writes_a_folder_that_loads_and_refuses_bad_input(tmp_path):
     model = teacher("qwen3")
     model.save_pretrained(tmp_path / "teacher")

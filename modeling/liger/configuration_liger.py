@@ -8,6 +8,7 @@ released code builds its config from Llama-2 defaults and fails on Llama-3). `li
     window: 64               # sliding-window softmax attention over the last `window` keys (RoPE, teacher q/k/v)
     sinks: 0                 # the first N tokens stay visible to the window (StreamingLLM / LoLA)
     window_weight: 0.5       # output = w · window + (1 − w) · recurrence (Liger: 0.5; window-only: 1)
+    learn_window_weight: false # w = σ(a parameter per query head) starting at window_weight (not in Liger)
     normalize: false         # liger-gla / liger-hgrn2: divide the recurrence by φ(q)·Σ α-decayed φ(k), so it
                              # is a weighted mean of values like the window's (Liger: false, no denominator)
     keep_attention_layers: [] # these layers stay the teacher's softmax attention (a hybrid)
@@ -19,8 +20,9 @@ from transformers import PretrainedConfig
 
 METHODS = ("liger-gla", "liger-hgrn2", "gated-deltanet", "window-only")
 TEACHER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-DEFAULT_LINEARIZATION = {"method": "liger-gla", "window": 64, "sinks": 0, "window_weight": 0.5, "normalize": False,
-                         "keep_attention_layers": [], "gate_normalizer": 16.0, "beta": "learned", "teacher": {}}
+DEFAULT_LINEARIZATION = {"method": "liger-gla", "window": 64, "sinks": 0, "window_weight": 0.5,
+                         "learn_window_weight": False, "normalize": False, "keep_attention_layers": [],
+                         "gate_normalizer": 16.0, "beta": "learned", "teacher": {}}
 
 
 class LigerConfig(PretrainedConfig):
@@ -58,6 +60,9 @@ class LigerConfig(PretrainedConfig):
             raise ValueError(f"linearization.sinks must be an int >= 0, got {lin['sinks']!r}")
         if not 0 <= lin["window_weight"] <= 1:
             raise ValueError(f"linearization.window_weight must be in [0, 1], got {lin['window_weight']!r}")
+        if lin["learn_window_weight"] and not 0 < lin["window_weight"] < 1:
+            raise ValueError(f"linearization.learn_window_weight starts from window_weight, which must then be "
+                             f"strictly between 0 and 1, got {lin['window_weight']!r}")
         bad = [i for i in lin["keep_attention_layers"] if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"linearization.keep_attention_layers: {bad} out of range (the teacher has "

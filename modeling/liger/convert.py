@@ -2,7 +2,7 @@
 
 The student keeps the teacher's module names (self_attn.q_proj, mlp.gate_proj, input_layernorm, ...);
 only the embedding moves (model.embed_tokens -> model.embeddings, recur's shared name). New
-parameters (gated-deltanet's β projection) keep their zero init.
+parameters (gated-deltanet's β projection, a learned window weight) keep their init.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def from_teacher(teacher_model, **linearization):
     config = LigerConfig.from_teacher(teacher_model.config, **linearization)
     student = LigerForCausalLM(config)
     missing, unexpected = student.load_state_dict(student_state(teacher_model.state_dict()), strict=False)
-    new = {n for n in missing if ".b_proj." in n}  # gated-deltanet's β: new, zero-initialised
+    new = {n for n in missing if ".b_proj." in n or n.endswith(".window_mix")}  # new: β, the learned window weight
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     left = sorted(set(missing) - new - tied)
     if left or unexpected:

@@ -58,7 +58,7 @@ def load_teacher(path: str, gguf_file: str | None = None):
 
 def linearize(teacher: str, out: str, method: str = "liger-gla", window: int = 64, sinks: int = 0,
               keep_attention_layers: list[int] = (), gguf_file: str | None = None, window_weight: float | None = None,
-              normalize: bool = False):
+              normalize: bool = False, learn_window_weight: bool = False):
     """Convert and save; returns the student."""
     from transformers import GenerationConfig
 
@@ -73,6 +73,8 @@ def linearize(teacher: str, out: str, method: str = "liger-gla", window: int = 6
         options["window_weight"] = window_weight
     if normalize:
         options["normalize"] = True
+    if learn_window_weight:
+        options["learn_window_weight"] = True
     _, _, config = teacher_source(teacher, gguf_file)
     try:  # the student config's own checks (window, sinks, layers in range), before any weight loads
         LigerConfig.from_teacher(config, **options)
@@ -107,6 +109,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-attention-layers", default="", help="layers left as softmax attention, e.g. 0,15")
     parser.add_argument("--window-weight", type=float, default=None,
                         help="output = w·window + (1 − w)·recurrence (default 0.5, Liger's)")
+    parser.add_argument("--learn-window-weight", action="store_true",
+                        help="w becomes a parameter per head, starting at --window-weight (not in Liger)")
     parser.add_argument("--normalize", action="store_true",
                         help="divide the GLA/HGRN2 recurrence by its normalizer (not in Liger)")
     parser.add_argument("--gguf-file", default=None, help="a GGUF file inside TEACHER (a folder)")
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
     if args.window < 1:
         raise LinearizeError(f"--window {args.window}: must be at least 1")
     student = linearize(args.teacher, args.out, args.method, args.window, args.sinks, _layers(args.keep_attention_layers),
-                        args.gguf_file, args.window_weight, args.normalize)
+                        args.gguf_file, args.window_weight, args.normalize,
+                        args.learn_window_weight)
     kinds = [student.config.layer_kind(i) for i in range(student.config.num_hidden_layers)]
     n = sum(p.numel() for p in student.parameters())
     print(f"wrote {args.out}: recur_liger, {len(kinds)} layers ({kinds.count('attention')} kept as attention, "

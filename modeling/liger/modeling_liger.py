@@ -14,6 +14,9 @@ q/k norms, the MLP) and its weights; what changes is the token mixing of each at
 - gated-deltanet: S_t = α_t (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t with L2-normalised q, k (no RoPE),
   α per head from the mean of logsigmoid(k) / 16 over the head's key channels, β = σ(W_β x) from a new
   zero-initialised projection (or a fixed value).
+- learn_window_weight: w becomes a parameter per query head, σ(window_mix), starting at window_weight
+  (not in Liger: from w = 0.9 the untrained student is as good as the window alone, and training
+  decides how much each head takes from the recurrence).
 - window-only: the SWA alone (the training-free baseline, window + sinks).
 - layers in `keep_attention_layers` stay the teacher's softmax attention.
 
@@ -22,6 +25,8 @@ generation equals the full forward (Liger's released code drops the window cache
 constant in the prompt length for every linearized layer.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -52,6 +57,8 @@ class LigerAttention(nn.Module):
         self.sinks, self.gate_normalizer, self.beta = lin["sinks"], lin["gate_normalizer"], lin["beta"]
         self.normalize = lin["normalize"] and self.kind in ("liger-gla", "liger-hgrn2")
         self.window_weight = 1.0 if self.kind in ("attention", "window-only") else lin["window_weight"]
+        if lin["learn_window_weight"] and self.window_weight < 1:  # new: w = σ(window_mix), one per query head
+            self.window_mix = nn.Parameter(torch.empty(H))
         # a kept layer attends as the teacher did: its own sliding window, or the whole context
         teacher_window = config.teacher_windows[layer_idx] or config.max_position_embeddings
         self.window = teacher_window if self.kind == "attention" else lin["window"]
@@ -76,9 +83,12 @@ class LigerAttention(nn.Module):
         q, k = (self.q_norm(q), self.k_norm(k_raw)) if hasattr(self, "q_norm") else (q, k_raw)
         valid = None if layout.pad is None else layout.pad[..., 0] > 0
         decoding = states is not None and T == 1 and layout.cu_seqlens is None
-        out = self.window_branch(q, k, v, layout, valid, states, decoding) * self.window_weight
-        if self.window_weight < 1:
-            out = out + self.recurrent_branch(q, k, k_raw, v, x, layout, valid, states, decoding) * (1 - self.window_weight)
+        window = self.window_branch(q, k, v, layout, valid, states, decoding)
+        if self.window_weight == 1:
+            out = window
+        else:
+            w = torch.sigmoid(self.window_mix.float())[:, None] if hasattr(self, "window_mix") else self.window_weight
+            out = window * w + self.recurrent_branch(q, k, k_raw, v, x, layout, valid, states, decoding) * (1 - w)
         return self.o_proj(out.to(x.dtype).reshape(B, T, H * Dh))
 
     def window_branch(self, q, k, v, layout, valid, states, decoding):
@@ -184,9 +194,13 @@ class LigerModel(RecurrentModel):
             PreTrainedModel._init_weights(self, module)
         elif isinstance(module, LlamaRMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, LigerAttention) and hasattr(module, "b_proj"):
-            init.zeros_(module.b_proj.weight)
-            init.zeros_(module.b_proj.bias)
+        elif isinstance(module, LigerAttention):
+            if hasattr(module, "b_proj"):
+                init.zeros_(module.b_proj.weight)
+                init.zeros_(module.b_proj.bias)
+            if hasattr(module, "window_mix"):  # σ(window_mix) = the configured window_weight at first
+                w = module.window_weight
+                init.constant_(module.window_mix, math.log(w / (1 - w)))
 
 
 class LigerForCausalLM(RecurrentForCausalLM):
