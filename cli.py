@@ -78,6 +78,8 @@ def main(argv=None) -> int:
                          add_help=False)
     bench_sub.add_parser("data", help="data-loader tokens/s vs the tokens/s a training step consumes",
                          add_help=False)
+    bench_sub.add_parser("train", help="training-step tokens/s and peak memory, every family against transformers' "
+                         "Llama, Mamba-2 and RecurrentGemma", add_help=False)
     bench_sub.add_parser("decode", help="decode tokens/s and cache memory after long prompts, models side by side",
                          add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -113,6 +115,8 @@ def main(argv=None) -> int:
         from recur.eval.bench_kernels import main as job
     elif args.command == "bench" and args.bench == "data":
         from recur.eval.bench_data import main as job
+    elif args.command == "bench" and args.bench == "train":
+        from recur.eval.bench_train import main as job
     elif args.command == "bench" and args.bench == "decode":
         from recur.eval.bench_decode import main as job
     try:

@@ -1,0 +1,308 @@
+"""Training-step tokens/s and peak memory: recur's families side by side with what users would otherwise train.
+
+    recur bench train [--shapes 1x2048,1x8192,1x32768,16x512] [--models all] [--width 256] [--layers 4]
+
+Every model has the same width, depth, head size (64) and vocabulary, random weights, float32; a step
+is forward, backward and AdamW on random tokens. The peers: transformers' `LlamaForCausalLM` (SDPA
+attention), `Mamba2ForCausalLM` (its torch path, the one that runs without mamba_ssm's CUDA kernels),
+`RecurrentGemmaForCausalLM` (Griffin, and Hawk with recurrent blocks only) and titans-pytorch's
+`MemoryAsContextTransformer`. recur's Mamba-2, Griffin and Hawk are converted from the peer's own
+config (`from_transformers`), so those pairs are the same model. Everything runs in this process, one
+model at a time; `vs llama` and `vs peer` are ratios of tokens/s.
+
+Peak memory is the step's growth of resident memory on CPU (sampled every 2 ms, with glibc told to
+hand large blocks back to the system when they are freed) and `max_memory_allocated` on GPU. MFU is
+model FLOPs per token (train/flops.py: 6N plus the token mixing) times tokens/s over the measured
+float32 matmul peak of this process. A model whose step took longer than `--max-step-seconds` is
+timed on that one step and skipped at longer sequences.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import threading
+import time
+
+import torch
+from tqdm import tqdm
+
+HEAD = 64
+PEERS = {"recur_mamba2": "mamba2-hf", "recur_griffin": "recurrentgemma-hf", "recur_griffin/hawk": "hawk-hf",
+         "recur_titans/mac": "titans-pytorch"}
+
+
+def _llama_config(W, L, V, max_len):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=V, hidden_size=W, intermediate_size=3 * W, num_hidden_layers=L,
+                       num_attention_heads=W // HEAD, num_key_value_heads=W // HEAD, max_position_embeddings=max_len,
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+
+
+def _mamba2_hf(W, L, V):
+    import transformers
+
+    return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+        hidden_size=W, num_heads=2 * W // HEAD, head_dim=HEAD, state_size=64, n_groups=1, expand=2, conv_kernel=4,
+        chunk_size=256, vocab_size=V, num_hidden_layers=L, use_conv_bias=True, use_bias=False, residual_in_fp32=True,
+        tie_word_embeddings=False, norm_before_gate=False, rms_norm=True, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0))
+
+
+def _recurrent_gemma_hf(W, L, V, blocks):
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    return RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+        vocab_size=V, hidden_size=W, intermediate_size=3 * W, num_attention_heads=W // HEAD, num_hidden_layers=L,
+        lru_width=W, attention_window_size=2048, conv1d_width=4, logits_soft_cap=30.0, block_types=blocks,
+        num_key_value_heads=1, pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True))
+
+
+def _converted(peer, convert, causal_lm, as_dict=False):
+    """recur's model converted from the peer's (`convert(config, state_dict)`): the same model."""
+    config, state = convert(peer.config.to_dict() if as_dict else peer.config, peer.state_dict())
+    model = causal_lm(config)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def builders(W: int, L: int, V: int, max_len: int) -> dict:
+    """name -> a function building the model (random weights)."""
+    from transformers import LlamaForCausalLM
+
+    from recur.modeling.gla import GLAConfig, GLAForCausalLM
+    from recur.modeling.griffin import GriffinForCausalLM
+    from recur.modeling.griffin.convert import from_transformers as griffin_from_hf
+    from recur.modeling.hgrn2 import HGRN2Config, HGRN2ForCausalLM
+    from recur.modeling.liger.configuration_liger import LigerConfig
+    from recur.modeling.liger.modeling_liger import LigerForCausalLM
+    from recur.modeling.mamba2 import Mamba2ForCausalLM, from_transformers as mamba2_from_hf
+    from recur.modeling.rwkv6 import RWKV6Config, RWKV6ForCausalLM
+    from recur.modeling.titans import TitansConfig, TitansForCausalLM
+
+    titans = dict(vocab_size=V, hidden_size=W, num_hidden_layers=L, num_heads=W // HEAD, intermediate_size=3 * W,
+                  memory_depth=2, memory_chunk_size=64, segment_len=512, attention_window_size=512,
+                  num_persistent_tokens=4)
+
+    def titans_pytorch():
+        from titans_pytorch import MemoryAsContextTransformer
+
+        return MemoryAsContextTransformer(num_tokens=V, dim=W, depth=L, segment_len=512, neural_memory_segment_len=64,
+                                          num_persist_mem_tokens=4, num_longterm_mem_tokens=0, dim_head=HEAD,
+                                          heads=W // HEAD, ff_mult=3, num_residual_streams=1)
+
+    return {
+        "llama": lambda: LlamaForCausalLM(_llama_config(W, L, V, max_len)),
+        "mamba2-hf": lambda: _mamba2_hf(W, L, V),
+        "recurrentgemma-hf": lambda: _recurrent_gemma_hf(W, L, V, ["recurrent", "recurrent", "attention"]),
+        "hawk-hf": lambda: _recurrent_gemma_hf(W, L, V, ["recurrent"]),
+        "titans-pytorch": titans_pytorch,
+        "recur_gla": lambda: GLAForCausalLM(GLAConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L,
+                                                      num_heads=W // HEAD // 2 or 1, intermediate_size=3 * W)),
+        "recur_hgrn2": lambda: HGRN2ForCausalLM(HGRN2Config(vocab_size=V, hidden_size=W, num_hidden_layers=L,
+                                                            expand_ratio=HEAD, intermediate_size=3 * W)),
+        "recur_rwkv6": lambda: RWKV6ForCausalLM(RWKV6Config(vocab_size=V, hidden_size=W, num_hidden_layers=L,
+                                                            head_size=HEAD, intermediate_size=3 * W)),
+        "recur_mamba2": lambda: _converted(_mamba2_hf(W, L, V), mamba2_from_hf, Mamba2ForCausalLM),
+        "recur_griffin": lambda: _converted(_recurrent_gemma_hf(W, L, V, ["recurrent", "recurrent", "attention"]),
+                                            griffin_from_hf, GriffinForCausalLM, as_dict=True),
+        "recur_griffin/hawk": lambda: _converted(_recurrent_gemma_hf(W, L, V, ["recurrent"]), griffin_from_hf,
+                                                 GriffinForCausalLM, as_dict=True),
+        "recur_titans/mac": lambda: TitansForCausalLM(TitansConfig(variant="mac", **titans)),
+        "recur_liger/liger-gla": lambda: LigerForCausalLM(LigerConfig.from_teacher(
+            _llama_config(W, L, V, max_len), method="liger-gla", window=64)),
+    }
+
+
+class PeakMemory:
+    """The most memory the block allocated beyond what was in use when it started, in bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _sample(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, self._rss() - self._start)
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start, self._done = self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+        else:
+            self._done.set()
+            self._thread.join()
+
+
+def return_freed_memory_to_the_system():
+    """glibc: blocks of 64 KiB and more come from mmap and go back on free (no dynamic threshold), so
+    resident memory follows what is allocated."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def train_step(model, optimizer, ids):
+    if type(model).__module__.startswith("titans_pytorch"):
+        loss = model(ids, return_loss=True)
+    else:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float, device) -> dict:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") \
+        else model.token_emb.num_embeddings
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        train_step(model, optimizer, ids)  # the first step also allocates AdamW's state
+        sync()
+        first = time.perf_counter() - start
+    times = [first]
+    if first <= max_step_seconds:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            train_step(model, optimizer, ids)
+            sync()
+            times.append(time.perf_counter() - start)
+    seconds = min(times)
+    return {"tokens_per_s": batch * seq_len / seconds, "step_s": seconds, "peak_mb": memory.peak / 2**20,
+            "first_step_only": first > max_step_seconds}
+
+
+def model_flops_per_token(model, seq_len: int) -> float | None:
+    from recur.train.flops import flops_per_token
+
+    if not type(model).__module__.startswith("recur."):
+        return None
+    return flops_per_token(model, seq_len)[0]
+
+
+def _shape(text: str) -> tuple[int, int]:
+    from .harness import EvalError
+
+    try:
+        b, t = text.lower().split("x")
+        return int(b), int(t)
+    except ValueError:
+        raise EvalError(f"--shapes: {text!r} is not BxT, e.g. 1x2048") from None
+
+
+def main(argv=None) -> int:
+    from recur.train.flops import measured_matmul_peak
+
+    from .harness import EvalError
+
+    parser = argparse.ArgumentParser(prog="recur bench train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="1x2048,1x8192,1x32768,16x512", help="batch x sequence length, comma-separated")
+    parser.add_argument("--models", default="all", help="comma-separated names (default: all; see --list)")
+    parser.add_argument("--list", action="store_true", help="print the model names and exit")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first (the best counts)")
+    parser.add_argument("--max-step-seconds", type=float, default=120.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = parser.parse_args(argv)
+    shapes = [_shape(s) for s in args.shapes.split(",") if s.strip()]
+    if not shapes or min(min(s) for s in shapes) < 1 or args.width % HEAD or args.width < HEAD:
+        raise EvalError(f"--shapes must be positive and --width a multiple of {HEAD}")
+    table = builders(args.width, args.layers, args.vocab, max(t for _, t in shapes))
+    if args.list:
+        print("\n".join(table))
+        return 0
+    names = list(table) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise EvalError(f"--models: unknown {', '.join(unknown)} (known: {', '.join(table)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return_freed_memory_to_the_system()
+    device = torch.device(args.device)
+    peak = measured_matmul_peak(device)
+    rows, too_slow = [], set()
+    with tqdm(total=len(shapes) * len(names), desc="bench train", unit="run") as bar:
+        for batch, seq_len in shapes:
+            for name in names:
+                bar.set_postfix_str(f"{name} {batch}x{seq_len}")
+                row = {"model": name, "batch": batch, "seq_len": seq_len}
+                if (name, batch) in too_slow:
+                    row["skipped"] = f"a step took over {args.max_step_seconds:g} s at a shorter length"
+                else:
+                    torch.manual_seed(0)
+                    model = table[name]().to(device).train()
+                    try:
+                        row.update(measure(model, batch, seq_len, args.steps, args.max_step_seconds, device))
+                        flops = model_flops_per_token(model, seq_len)
+                        row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
+                    except torch.OutOfMemoryError:
+                        row["skipped"] = "out of memory"
+                    if row.get("first_step_only") or row.get("skipped"):
+                        too_slow.add((name, batch))
+                    del model
+                    gc.collect()
+                rows.append(row)
+                bar.update()
+    add_ratios(rows)
+    if args.json:
+        print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "matmul_peak_flops": peak,
+                          "width": args.width, "layers": args.layers, "vocab": args.vocab, "rows": rows}, indent=1))
+        return 0
+    print(f"training step (forward, backward, AdamW), float32, {device} ({torch.get_num_threads()} threads), "
+          f"width {args.width}, {args.layers} layers, vocab {args.vocab}; matmul peak {peak / 1e9:.0f} GFLOP/s\n")
+    print(format_table(rows))
+    return 0
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """vs_llama and vs_peer: tokens/s over the same shape's llama and the model's own peer."""
+    speed = {(r["model"], r["batch"], r["seq_len"]): r.get("tokens_per_s") for r in rows}
+    for r in rows:
+        key = (r["batch"], r["seq_len"])
+        for field, other in (("vs_llama", "llama"), ("vs_peer", PEERS.get(r["model"]))):
+            base = speed.get((other, *key)) if other and other != r["model"] else None
+            r[field] = r["tokens_per_s"] / base if r.get("tokens_per_s") and base else None
+
+
+def format_table(rows: list[dict]) -> str:
+    ratio = lambda x: "" if x is None else f"{x:.2f}x"
+    lines = ["| model | B x T | tokens/s | vs llama | vs peer | peak memory | MFU |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = f"{r['batch']} x {r['seq_len']:,}"
+        if r.get("skipped"):
+            lines.append(f"| {r['model']} | {shape} | skipped: {r['skipped']} | | | | |")
+            continue
+        note = " (1 step)" if r["first_step_only"] else ""
+        mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.0f}%"
+        peer = PEERS.get(r["model"], "")
+        lines.append(f"| {r['model']} | {shape} | {r['tokens_per_s']:,.0f}{note} | {ratio(r['vs_llama'])} | "
+                     f"{ratio(r['vs_peer'])}{' ' + peer if peer and r['vs_peer'] else ''} | "
+                     f"{r['peak_mb']:,.0f} MB | {mfu} |")
+    return "\n".join(lines)

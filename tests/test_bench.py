@@ -1,0 +1,47 @@
+"""recur bench train: every model of the lineup builds and steps; ratios pair each recur model with its
+peer and with Llama in the same run; a too-slow model is timed once and skipped at longer lengths."""
+import json
+
+import pytest
+
+from recur.eval import bench_train
+from recur.eval.harness import EvalError
+
+
+def run(capsys, *args):
+    assert bench_train.main([*args, "--width", "64", "--layers", "1", "--vocab", "64", "--steps", "1", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_train_pairs_each_model_with_llama_and_its_peer(capsys):
+    out = run(capsys, "--shapes", "1x64,2x32", "--models", "llama,mamba2-hf,recur_mamba2,recur_gla")
+    rows = {(r["model"], r["batch"], r["seq_len"]): r for r in out["rows"]}
+    assert len(rows) == 8 and out["matmul_peak_flops"] > 0
+    for (model, b, t), r in rows.items():
+        assert r["tokens_per_s"] > 0 and r["peak_mb"] >= 0 and not r["first_step_only"]
+        if model != "llama":
+            assert r["vs_llama"] == pytest.approx(r["tokens_per_s"] / rows["llama", b, t]["tokens_per_s"])
+    m = rows["recur_mamba2", 1, 64]
+    assert m["vs_peer"] == pytest.approx(m["tokens_per_s"] / rows["mamba2-hf", 1, 64]["tokens_per_s"])
+    assert m["mfu"] > 0 and rows["mamba2-hf", 1, 64]["mfu"] is None and rows["recur_gla", 1, 64]["vs_peer"] is None
+
+
+def test_every_model_of_the_lineup_takes_a_step(capsys):
+    names = list(bench_train.builders(64, 1, 64, 64))
+    out = run(capsys, "--shapes", "1x64", "--models", ",".join(names))
+    assert [r["model"] for r in out["rows"]] == names and all(r["tokens_per_s"] > 0 for r in out["rows"])
+
+
+def test_a_model_over_the_step_limit_is_timed_once_and_skipped_after(capsys):
+    out = run(capsys, "--shapes", "1x32,1x64", "--models", "recur_gla", "--max-step-seconds", "0")
+    first, second = out["rows"]
+    assert first["first_step_only"] and "skipped" in second
+    table = bench_train.format_table(out["rows"])
+    assert "(1 step)" in table and "skipped" in table
+
+
+def test_bad_shapes_and_names_are_one_line_errors():
+    with pytest.raises(EvalError, match="BxT"):
+        bench_train.main(["--shapes", "2by3"])
+    with pytest.raises(EvalError, match="unknown nope"):
+        bench_train.main(["--models", "nope"])
