@@ -1,11 +1,14 @@
 """Decoding speed and cache memory after long prompts, models side by side in one process.
 
-    recur bench decode MODEL [MODEL ...] [--prompts 1024,4096,16384] [--new-tokens 64] [--batch 1]
+    recur bench decode MODEL [MODEL ...] [--prompts 1024,4096,16384] [--new-tokens 128] [--batch 1,8]
 
-MODEL is anything `recur eval` loads (a run dir, a checkpoint, a model folder, a .gguf file). For each
-prompt length: the prompt (random token ids) goes through the model's cache 2048 tokens at a time,
-then `--new-tokens` greedy tokens are decoded one at a time; the table gives decode tokens/s, the
-cache's size after the prompt and the ratio of each model's tokens/s to the first model's.
+MODEL is anything `recur eval` loads (a run dir, a checkpoint, a model folder, a .gguf file), or a
+name of `recur bench train`'s lineup (`llama`, `recur_gla`, ...: random weights, `--width`,
+`--layers` and `--vocab` as there), so `recur bench decode llama recur_gla recur_mamba2` compares
+each family with the same-width Llama and its KV cache. For each batch size and prompt length: the
+prompt (random token ids) goes through the model's cache 2048 tokens at a time, then `--new-tokens`
+greedy tokens are decoded one at a time; the table gives decode tokens/s, the cache's size after
+the prompt and after decoding, and the ratio of each model's tokens/s to the first model's.
 """
 from __future__ import annotations
 
@@ -56,45 +59,57 @@ def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, s
 
 
 def main(argv=None) -> int:
+    from .bench_train import builders
     from .harness import EvalError
     from .load import load
 
     parser = argparse.ArgumentParser(prog="recur bench decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="models to compare (the first is the baseline of the ratios)")
     parser.add_argument("--prompts", default="1024,4096,16384", help="prompt lengths in tokens")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", default="1", help="batch sizes, comma-separated")
+    parser.add_argument("--width", type=int, default=256, help="lineup models: width (bench train's)")
+    parser.add_argument("--layers", type=int, default=4, help="lineup models: layers")
+    parser.add_argument("--vocab", type=int, default=4096, help="lineup models: vocabulary")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     try:
         prompts = [int(x) for x in args.prompts.split(",") if x.strip()]
+        batches = [int(x) for x in args.batch.split(",") if x.strip()]
     except ValueError:
-        raise EvalError(f"--prompts {args.prompts!r}: comma-separated token counts") from None
-    if not prompts or min(prompts) < 1 or args.new_tokens < 1 or args.batch < 1:
+        raise EvalError(f"--prompts {args.prompts!r} and --batch {args.batch!r}: comma-separated numbers") from None
+    if not prompts or not batches or min(prompts + batches) < 1 or args.new_tokens < 1:
         raise EvalError("--prompts, --new-tokens and --batch must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
+    lineup = builders(args.width, args.layers, args.vocab, max(prompts) + args.new_tokens)
     rows = []
     for spec in args.models:
-        model, _, source = load(spec)
-        for prompt in tqdm(prompts, desc=str(source.path.name), unit="prompt"):
-            rows.append({"model": str(source.path), "type": model.config.model_type,
-                         **decode_speed(model, prompt, args.new_tokens, args.batch)})
+        if spec in lineup:
+            torch.manual_seed(0)
+            model, name = lineup[spec]().eval(), spec
+        else:
+            model, _, source = load(spec)
+            name = str(source.path)
+        runs = [(b, p) for b in batches for p in prompts]
+        for batch, prompt in tqdm(runs, desc=name.split("/")[-1], unit="run"):
+            rows.append({"model": name, "type": model.config.model_type,
+                         **decode_speed(model, prompt, args.new_tokens, batch)})
         del model
-    base = {r["prompt"]: r["tokens_per_s"] for r in rows if r["model"] == rows[0]["model"]}
+    base = {(r["batch"], r["prompt"]): r["tokens_per_s"] for r in rows if r["model"] == rows[0]["model"]}
     for r in rows:
-        r["vs_first"] = r["tokens_per_s"] / base[r["prompt"]]
+        r["vs_first"] = r["tokens_per_s"] / base[r["batch"], r["prompt"]]
     if args.json:
         import json
 
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"decoding {args.new_tokens} tokens after a prompt, batch {args.batch} (ratio: tokens/s against "
-          f"{rows[0]['model']})\n")
-    print("| model | type | prompt | decode tokens/s | ratio | cache after the prompt | prefill |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"decoding {args.new_tokens} tokens after a prompt, {torch.get_num_threads()} threads (ratio: tokens/s "
+          f"against {rows[0]['model']})\n")
+    print("| model | type | batch | prompt | decode tokens/s | ratio | cache after the prompt | after decoding | prefill |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['type']} | {r['prompt']:,} | {r['tokens_per_s']:.1f} | {r['vs_first']:.2f}x | "
-              f"{r['cache_mb']:.2f} MB | {r['prefill_s']:.1f} s |")
+        print(f"| {r['model']} | {r['type']} | {r['batch']} | {r['prompt']:,} | {r['tokens_per_s']:.1f} | "
+              f"{r['vs_first']:.2f}x | {r['cache_mb']:.2f} MB | {r['cache_mb_after']:.2f} MB | {r['prefill_s']:.1f} s |")
     return 0

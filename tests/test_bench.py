@@ -45,3 +45,17 @@ def test_bad_shapes_and_names_are_one_line_errors():
         bench_train.main(["--shapes", "2by3"])
     with pytest.raises(EvalError, match="unknown nope"):
         bench_train.main(["--models", "nope"])
+
+
+def test_bench_decode_runs_lineup_models_at_several_batch_sizes(capsys):
+    from recur.eval import bench_decode
+
+    assert bench_decode.main(["llama", "recur_gla", "--prompts", "8,16", "--new-tokens", "2", "--batch", "1,2",
+                              "--width", "64", "--layers", "1", "--vocab", "64", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["batch"], r["prompt"]) for r in rows] == [
+        (m, b, p) for m in ("llama", "recur_gla") for b in (1, 2) for p in (8, 16)]
+    gla = [r for r in rows if r["model"] == "recur_gla"]
+    assert len({r["cache_mb"] for r in gla if r["batch"] == 1}) == 1  # constant in the prompt length
+    llama = [r for r in rows if r["model"] == "llama" and r["batch"] == 1]
+    assert llama[1]["cache_mb"] > llama[0]["cache_mb"]
