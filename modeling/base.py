@@ -91,6 +91,29 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, position_ids: tor
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
+LOSS_CHUNK = 4096  # tokens per piece of the training loss: 4096 x vocab float32 logits live at a time
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                           chunk: int | None = None) -> torch.Tensor:
+    """`causal_lm_loss(head(hidden), ...)` without the [B, T, vocab] float32 logits: `chunk` tokens at a
+    time, each piece's logits recomputed in the backward (not kept). 0, not NaN, when nothing is scored."""
+    from torch.utils.checkpoint import checkpoint
+
+    targets = labels[:, 1:].clone()
+    if position_ids is not None:
+        targets[position_ids[:, 1:] == 0] = -100
+    h, targets, chunk = hidden[:, :-1].flatten(0, 1), targets.flatten(), chunk or LOSS_CHUNK
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for at in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_loss_sum, h[at:at + chunk], targets[at:at + chunk], head, use_reentrant=False)
+    return total / (targets != -100).sum().clamp(min=1)
+
+
+def _loss_sum(hidden, targets, head):
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=-100, reduction="sum")
+
+
 class Layout(NamedTuple):
     """What the blocks need to know about the tokens besides their values (see `sequence_layout`).
 
@@ -182,6 +205,11 @@ class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          cache=cache)
         hidden = out.last_hidden_state if not logits_to_keep else out.last_hidden_state[:, -logits_to_keep:]
+        if labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep:
+            # training: the loss without holding the whole sequence's logits (fla's models do the same
+            # with their fused linear cross entropy); no logits come back
+            return cache_output(CausalLMOutputWithPast, getattr(out, CACHE_FIELD), logits=None,
+                                loss=chunked_causal_lm_loss(hidden, self.logits, labels, position_ids))
         logits = self.logits(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
         return cache_output(CausalLMOutputWithPast, getattr(out, CACHE_FIELD),

@@ -143,6 +143,33 @@ def test_packed_documents_equal_documents_one_by_one(family):
     torch.testing.assert_close(both[0], out.logits[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_loss_in_pieces_equals_the_full_logits_loss(family, monkeypatch):
+    """In training the loss is taken 7 tokens at a time (never all the logits at once) and no logits come
+    back; loss and gradients are those of the whole logits' cross entropy, packed documents included."""
+    import recur.modeling.base as base
+
+    monkeypatch.setattr(base, "LOSS_CHUNK", 7)
+    model = tiny_model(family)
+    model.train()
+    x = torch.cat([ids(1, 23, seed=3), ids(1, 23, seed=4)])
+    positions = torch.cat([torch.arange(9), torch.arange(14)]).unsqueeze(0).repeat(2, 1)
+    labels = x.clone()
+    labels[1, :5] = -100
+    out = model(x, position_ids=positions, labels=labels, use_cache=False)
+    assert out.logits is None
+    out.loss.backward()
+    pieces = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = base.causal_lm_loss(model(x, position_ids=positions, use_cache=False).logits, labels, positions)
+    full.backward()
+    torch.testing.assert_close(out.loss, full, atol=1e-6, rtol=1e-6)
+    assert pieces and all(torch.allclose(p.grad, pieces[n], atol=1e-6, rtol=1e-5)
+                          for n, p in model.named_parameters() if p.grad is not None)
+    none = torch.full_like(labels, -100)  # nothing scored: 0, not NaN (the trainer multiplies it by 0)
+    assert model(x, labels=none, use_cache=False).loss.item() == 0
+
+
 @pytest.mark.parametrize("family", FAMILIES_SLOW_MARKED)
 def test_gradient_checkpointing_gives_the_same_gradients(family):
     """The trainer's build_model with train.activation_checkpointing on and off, the same weights: with it,

@@ -32,7 +32,9 @@ class NextToken:
     def __call__(self, engine, batch: dict):
         out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
                      use_cache=False)
-        return out.loss, out.logits
+        # recur's models do not return logits in training (their loss never holds them all): the loss
+        # is the tensor in the graph, 0 when nothing is scored
+        return out.loss, out.loss if out.logits is None else out.logits
 
 
 def scored_mask(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -78,13 +80,16 @@ class Distill:
             return torch.cat(rows, dim=0)
 
     def __call__(self, engine, batch: dict):
-        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                     use_cache=False)
+        from recur.modeling.base import causal_lm_loss
+
+        # no labels: the model returns its logits (the KL needs them), and the cross entropy is taken here
+        out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         kl = distill_kl(out.logits, self.teacher_logits(batch), scored_mask(batch["labels"], batch["position_ids"]),
                         self.temperature)
         if self.weight == 1:
             return kl, out.logits
-        return self.weight * kl + (1 - self.weight) * out.loss.float(), out.logits
+        ce = causal_lm_loss(out.logits, batch["labels"], batch["position_ids"])
+        return self.weight * kl + (1 - self.weight) * ce, out.logits
 
 
 class Align:
