@@ -85,10 +85,16 @@ def sequence_layout(shape, attention_mask=None, position_ids=None, past_length=0
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None):
     """Next-token cross entropy; the prediction across a document boundary (next position 0) is not scored."""
+    targets = next_token_targets(labels, position_ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def next_token_targets(labels: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """[B, T-1]: the token each prediction scores, -100 where it crosses a document boundary."""
     targets = labels[:, 1:].clone()
     if position_ids is not None:
         targets[position_ids[:, 1:] == 0] = -100
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return targets
 
 
 LOSS_CHUNK = 4096  # tokens per piece of the training loss: 4096 x vocab float32 logits live at a time
@@ -100,10 +106,8 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor, pos
     time, each piece's logits recomputed in the backward (not kept). 0, not NaN, when nothing is scored."""
     from torch.utils.checkpoint import checkpoint
 
-    targets = labels[:, 1:].clone()
-    if position_ids is not None:
-        targets[position_ids[:, 1:] == 0] = -100
-    h, targets, chunk = hidden[:, :-1].flatten(0, 1), targets.flatten(), chunk or LOSS_CHUNK
+    targets = next_token_targets(labels, position_ids).flatten()
+    h, chunk = hidden[:, :-1].flatten(0, 1), chunk or LOSS_CHUNK
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for at in range(0, h.shape[0], chunk):
         total = total + checkpoint(_loss_sum, h[at:at + chunk], targets[at:at + chunk], head, use_reentrant=False)
