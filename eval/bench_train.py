@@ -28,92 +28,34 @@ import time
 import torch
 from tqdm import tqdm
 
-HEAD = 64
-PEERS = {"recur_mamba2": "mamba2-hf", "recur_griffin": "recurrentgemma-hf", "recur_griffin/hawk": "hawk-hf",
-         "recur_titans/mac": "titans-pytorch"}
+
+def llama(width: int, layers: int, vocab: int, max_len: int):
+    """The baseline every model is compared with: transformers' Llama with SDPA attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recur.modeling.family import BENCH_HEAD
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+        num_attention_heads=width // BENCH_HEAD, num_key_value_heads=width // BENCH_HEAD,
+        max_position_embeddings=max_len, tie_word_embeddings=False, attn_implementation="sdpa"))
 
 
-def _llama_config(W, L, V, max_len):
-    from transformers import LlamaConfig
+def lineup() -> tuple[dict, dict]:
+    """(name -> build(width, layers, vocab, max_len), recur model -> its peer's name): Llama, then the peers
+    the families declare, then the families' own models."""
+    from recur.modeling import FAMILIES
 
-    return LlamaConfig(vocab_size=V, hidden_size=W, intermediate_size=3 * W, num_hidden_layers=L,
-                       num_attention_heads=W // HEAD, num_key_value_heads=W // HEAD, max_position_embeddings=max_len,
-                       tie_word_embeddings=False, attn_implementation="sdpa")
-
-
-def _mamba2_hf(W, L, V):
-    import transformers
-
-    return transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
-        hidden_size=W, num_heads=2 * W // HEAD, head_dim=HEAD, state_size=64, n_groups=1, expand=2, conv_kernel=4,
-        chunk_size=256, vocab_size=V, num_hidden_layers=L, use_conv_bias=True, use_bias=False, residual_in_fp32=True,
-        tie_word_embeddings=False, norm_before_gate=False, rms_norm=True, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0))
+    models = [(name, m) for family in FAMILIES.values() for name, m in family.bench.items()]
+    builds = {"llama": llama}
+    builds.update({m.peer: m.build_peer for _, m in models if m.peer})
+    builds.update({name: m.build for name, m in models})
+    return builds, {name: m.peer for name, m in models if m.peer}
 
 
-def _recurrent_gemma_hf(W, L, V, blocks):
-    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
-
-    return RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
-        vocab_size=V, hidden_size=W, intermediate_size=3 * W, num_attention_heads=W // HEAD, num_hidden_layers=L,
-        lru_width=W, attention_window_size=2048, conv1d_width=4, logits_soft_cap=30.0, block_types=blocks,
-        num_key_value_heads=1, pad_token_id=0, bos_token_id=2, eos_token_id=1, tie_word_embeddings=True))
-
-
-def _converted(peer, convert, causal_lm, as_dict=False):
-    """recur's model converted from the peer's (`convert(config, state_dict)`): the same model."""
-    config, state = convert(peer.config.to_dict() if as_dict else peer.config, peer.state_dict())
-    model = causal_lm(config)
-    model.load_state_dict(state, strict=False)
-    return model
-
-
-def builders(W: int, L: int, V: int, max_len: int) -> dict:
+def builders(width: int, layers: int, vocab: int, max_len: int) -> dict:
     """name -> a function building the model (random weights)."""
-    from transformers import LlamaForCausalLM
-
-    from recur.modeling.gla import GLAConfig, GLAForCausalLM
-    from recur.modeling.griffin import GriffinForCausalLM
-    from recur.modeling.griffin.convert import from_transformers as griffin_from_hf
-    from recur.modeling.hgrn2 import HGRN2Config, HGRN2ForCausalLM
-    from recur.modeling.liger.configuration_liger import LigerConfig
-    from recur.modeling.liger.modeling_liger import LigerForCausalLM
-    from recur.modeling.mamba2 import Mamba2ForCausalLM, from_transformers as mamba2_from_hf
-    from recur.modeling.rwkv6 import RWKV6Config, RWKV6ForCausalLM
-    from recur.modeling.titans import TitansConfig, TitansForCausalLM
-
-    titans = dict(vocab_size=V, hidden_size=W, num_hidden_layers=L, num_heads=W // HEAD, intermediate_size=3 * W,
-                  memory_depth=2, memory_chunk_size=64, segment_len=512, attention_window_size=512,
-                  num_persistent_tokens=4)
-
-    def titans_pytorch():
-        from titans_pytorch import MemoryAsContextTransformer
-
-        return MemoryAsContextTransformer(num_tokens=V, dim=W, depth=L, segment_len=512, neural_memory_segment_len=64,
-                                          num_persist_mem_tokens=4, num_longterm_mem_tokens=0, dim_head=HEAD,
-                                          heads=W // HEAD, ff_mult=3, num_residual_streams=1)
-
-    return {
-        "llama": lambda: LlamaForCausalLM(_llama_config(W, L, V, max_len)),
-        "mamba2-hf": lambda: _mamba2_hf(W, L, V),
-        "recurrentgemma-hf": lambda: _recurrent_gemma_hf(W, L, V, ["recurrent", "recurrent", "attention"]),
-        "hawk-hf": lambda: _recurrent_gemma_hf(W, L, V, ["recurrent"]),
-        "titans-pytorch": titans_pytorch,
-        "recur_gla": lambda: GLAForCausalLM(GLAConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L,
-                                                      num_heads=W // HEAD // 2 or 1, intermediate_size=3 * W)),
-        "recur_hgrn2": lambda: HGRN2ForCausalLM(HGRN2Config(vocab_size=V, hidden_size=W, num_hidden_layers=L,
-                                                            expand_ratio=HEAD, intermediate_size=3 * W)),
-        "recur_rwkv6": lambda: RWKV6ForCausalLM(RWKV6Config(vocab_size=V, hidden_size=W, num_hidden_layers=L,
-                                                            head_size=HEAD, intermediate_size=3 * W)),
-        "recur_mamba2": lambda: _converted(_mamba2_hf(W, L, V), mamba2_from_hf, Mamba2ForCausalLM),
-        "recur_griffin": lambda: _converted(_recurrent_gemma_hf(W, L, V, ["recurrent", "recurrent", "attention"]),
-                                            griffin_from_hf, GriffinForCausalLM, as_dict=True),
-        "recur_griffin/hawk": lambda: _converted(_recurrent_gemma_hf(W, L, V, ["recurrent"]), griffin_from_hf,
-                                                 GriffinForCausalLM, as_dict=True),
-        "recur_titans/mac": lambda: TitansForCausalLM(TitansConfig(variant="mac", **titans)),
-        "recur_liger/liger-gla": lambda: LigerForCausalLM(LigerConfig.from_teacher(
-            _llama_config(W, L, V, max_len), method="liger-gla", window=64)),
-    }
+    return {name: (lambda build=build: build(width, layers, vocab, max_len)) for name, build in lineup()[0].items()}
 
 
 class PeakMemory:
@@ -214,6 +156,7 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+    from recur.modeling.family import BENCH_HEAD
     from recur.train.flops import measured_matmul_peak
 
     from .harness import EvalError
@@ -232,8 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     shapes = [_shape(s) for s in args.shapes.split(",") if s.strip()]
-    if not shapes or min(min(s) for s in shapes) < 1 or args.width % HEAD or args.width < HEAD:
-        raise EvalError(f"--shapes must be positive and --width a multiple of {HEAD}")
+    if not shapes or min(min(s) for s in shapes) < 1 or args.width % BENCH_HEAD or args.width < BENCH_HEAD:
+        raise EvalError(f"--shapes must be positive and --width a multiple of {BENCH_HEAD}")
     table = builders(args.width, args.layers, args.vocab, max(t for _, t in shapes))
     if args.list:
         print("\n".join(table))
@@ -283,16 +226,18 @@ def main(argv=None) -> int:
 
 def add_ratios(rows: list[dict]) -> None:
     """vs_llama and vs_peer: tokens/s over the same shape's llama and the model's own peer."""
+    peers = lineup()[1]
     speed = {(r["model"], r["batch"], r["seq_len"]): r.get("tokens_per_s") for r in rows}
     for r in rows:
         key = (r["batch"], r["seq_len"])
-        for field, other in (("vs_llama", "llama"), ("vs_peer", PEERS.get(r["model"]))):
+        for field, other in (("vs_llama", "llama"), ("vs_peer", peers.get(r["model"]))):
             base = speed.get((other, *key)) if other and other != r["model"] else None
             r[field] = r["tokens_per_s"] / base if r.get("tokens_per_s") and base else None
 
 
 def format_table(rows: list[dict]) -> str:
     ratio = lambda x: "" if x is None else f"{x:.2f}x"
+    peers = lineup()[1]
     lines = ["| model | B x T | tokens/s | vs llama | vs peer | peak memory | MFU |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = f"{r['batch']} x {r['seq_len']:,}"
@@ -301,7 +246,7 @@ def format_table(rows: list[dict]) -> str:
             continue
         note = " (1 step)" if r["first_step_only"] else ""
         mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.0f}%"
-        peer = PEERS.get(r["model"], "")
+        peer = peers.get(r["model"], "")
         lines.append(f"| {r['model']} | {shape} | {r['tokens_per_s']:,.0f}{note} | {ratio(r['vs_llama'])} | "
                      f"{ratio(r['vs_peer'])}{' ' + peer if peer and r['vs_peer'] else ''} | "
                      f"{r['peak_mb']:,.0f} MB | {mfu} |")

@@ -11,6 +11,7 @@ family is adding a folder:
         converters=[Converter("fla GLA (fla-hub/gla-*)", model_type="gla", convert=from_fla)],
         signature="gk_proj",                                      # a tensor name only its checkpoints have
         tiny={"recur_gla": dict(vocab_size=101, hidden_size=48, ...)},
+        bench={"recur_gla": BenchModel(lambda width, layers, vocab, max_len: GLAForCausalLM(...))},
     )
 
 Parameters that must stay float32 (log-decays, rates) are the model class's own
@@ -45,6 +46,28 @@ class Converter:
         return self.model_type is not None and config.get("model_type") == self.model_type
 
 
+BENCH_HEAD = 64  # head size of every model of `recur bench train` and `recur bench decode`'s lineup
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One model of the benchmarks' lineup: `build(width, layers, vocab, max_len)` with random weights and
+    head size BENCH_HEAD. `peer` names the outside library's model it is timed against (built by
+    `build_peer` with the same arguments), usually the very model recur converts from."""
+
+    build: Callable
+    peer: str | None = None
+    build_peer: Callable | None = None
+
+
+def converted(peer, convert: Callable, causal_lm: type, as_dict: bool = False):
+    """recur's model converted from a peer model (`convert(config, state_dict)`): the same weights."""
+    config, state = convert(peer.config.to_dict() if as_dict else peer.config, peer.state_dict())
+    model = causal_lm(config)
+    model.load_state_dict(state, strict=False)
+    return model
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # as people write it: "Mamba-2", "Griffin / RecurrentGemma"
@@ -59,6 +82,7 @@ class Family:
     tiny: dict[str, dict] = field(default_factory=dict)  # test configs: id -> config kwargs
     # `recur NAME ...` commands of the family's own: name -> (help, "module:function" taking argv)
     commands: dict[str, tuple[str, str]] = field(default_factory=dict)
+    bench: dict[str, BenchModel] = field(default_factory=dict)  # benchmark lineup: id -> model
 
     @property
     def model_type(self) -> str:

@@ -14,7 +14,7 @@ FAMILY_FOLDERS = {Path(f.config.__module__.split(".")[2]) for f in FAMILIES.valu
 def production_modules():
     for path in sorted(ROOT.rglob("*.py")):
         relative = path.relative_to(ROOT)
-        if relative.parts[0] in ("tests", ".venv", "build") or relative.parts[0].startswith("."):
+        if relative.parts[0] in ("tests", ".venv", "build", "runs") or relative.parts[0].startswith("."):
             continue
         yield relative, ast.parse(path.read_text())
 

@@ -1,4 +1,4 @@
-from ..family import Converter, Family
+from ..family import BENCH_HEAD, BenchModel, Converter, Family
 from .configuration_gla import GLAConfig
 from .convert import from_fla
 from .modeling_gla import GLAForCausalLM, GLAModel
@@ -16,6 +16,9 @@ FAMILY = Family(
     signature="gk_proj",
     tiny={"recur_gla": dict(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_heads=2, gate_low_rank_dim=8,
                             intermediate_size=96)},
+    bench={"recur_gla": BenchModel(lambda width, layers, vocab, max_len: GLAForCausalLM(GLAConfig(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, intermediate_size=3 * width,
+        num_heads=width // BENCH_HEAD // 2 or 1)))},  # expand_k 0.5: key heads of BENCH_HEAD
 )
 
 __all__ = ["GLAConfig", "GLAModel", "GLAForCausalLM", "FAMILY"]

@@ -1,4 +1,4 @@
-from ..family import Converter, Family
+from ..family import BENCH_HEAD, BenchModel, Converter, Family
 from .configuration_hgrn2 import HGRN2Config
 from .convert import from_fla
 from .modeling_hgrn2 import HGRN2ForCausalLM, HGRN2Model
@@ -15,6 +15,9 @@ FAMILY = Family(
     signature="f_proj",
     tiny={"recur_hgrn2": dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, expand_ratio=16,
                               intermediate_size=96)},
+    bench={"recur_hgrn2": BenchModel(lambda width, layers, vocab, max_len: HGRN2ForCausalLM(HGRN2Config(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, intermediate_size=3 * width,
+        expand_ratio=BENCH_HEAD)))},
 )
 
 __all__ = ["HGRN2Config", "HGRN2Model", "HGRN2ForCausalLM", "FAMILY"]

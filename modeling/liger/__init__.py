@@ -1,4 +1,4 @@
-from ..family import Family
+from ..family import BENCH_HEAD, BenchModel, Family
 from .configuration_liger import METHODS, LigerConfig
 from .modeling_liger import LigerForCausalLM, LigerModel
 
@@ -20,6 +20,17 @@ def mixing_flops(config: LigerConfig, seq_len: int):
     return total, "6N + 3·Σ_layers (4·H·Dh·w̄ + 5·H·Dh²)"
 
 
+
+def bench_liger_gla(width, layers, vocab, max_len):
+    """Liger-GLA made from the benchmarks' Llama (window 64)."""
+    from transformers import LlamaConfig
+
+    teacher = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+                          num_attention_heads=width // BENCH_HEAD, num_key_value_heads=width // BENCH_HEAD,
+                          max_position_embeddings=max_len, tie_word_embeddings=False)
+    return LigerForCausalLM(LigerConfig.from_teacher(teacher, method="liger-gla", window=64))
+
+
 _TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
@@ -38,6 +49,7 @@ FAMILY = Family(
                                                                                    sinks=1)),
         "recur_liger/window-only": dict(_TINY, linearization=dict(method="window-only", window=6, sinks=2)),
     },
+    bench={"recur_liger/liger-gla": BenchModel(bench_liger_gla)},
 )
 
 __all__ = ["LigerConfig", "LigerModel", "LigerForCausalLM", "METHODS", "FAMILY"]

@@ -1,4 +1,4 @@
-from ..family import Converter, Family
+from ..family import BENCH_HEAD, BenchModel, Converter, Family
 from .configuration_rwkv6 import RWKV6Config
 from .convert import from_blinkdl, from_hf
 from .modeling_rwkv6 import RWKV6ForCausalLM, RWKV6Model
@@ -18,6 +18,9 @@ FAMILY = Family(
     signature="time_maa",
     tiny={"recur_rwkv6": dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, head_size=32,
                               intermediate_size=128, time_mix_low_rank_dim=8, time_decay_low_rank_dim=8)},
+    bench={"recur_rwkv6": BenchModel(lambda width, layers, vocab, max_len: RWKV6ForCausalLM(RWKV6Config(
+        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, intermediate_size=3 * width,
+        head_size=BENCH_HEAD)))},
 )
 
 __all__ = ["RWKV6Config", "RWKV6Model", "RWKV6ForCausalLM", "from_blinkdl", "from_hf", "FAMILY"]
