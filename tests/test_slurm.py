@@ -71,7 +71,7 @@ def test_dry_run_for_64_nodes_of_8_gpus(tmp_path, monkeypatch, capsys):
     assert f"-m recur.cli train {run}/slurm/recipe.yaml resume=auto" in command
     code = [line for line in out.splitlines() if not line.lstrip().startswith("#")]
     assert not any(word in line for line in code for word in ("torchrun", "ssh", "pdsh"))
-    assert "MASTER_ADDR=$(scontrol show hostnames" in out and "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in out
+    assert "MASTER_ADDR=$(scontrol show hostnames" in out and "MASTER_PORT=$((20000 + (SLURM_JOB_ID + 7919 * ${SLURM_RESTART_COUNT:-0}) % 20000))" in out
     assert "512 task(s) on 64 node(s)" in err
     assert "tokenizer 'fla-hub/gla-340M-15B' would be fetched from the Hub" in err
     assert len([line for line in err.splitlines() if "would be fetched" in line]) == 1
@@ -384,6 +384,11 @@ def wait_until_done(run, timeout=900, cluster=None):
                        f"{jobs.read_records(run)}\n{logs}")
 
 
+def run_logs(run) -> str:
+    """The end of every log of the run, for a failing assertion's message."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((Path(run) / "logs").glob("*.out")))
+
+
 def wait_for_markers(run, count=2, timeout=600):
     deadline = time.time() + timeout
     while len(list(Path(run).glob("paused-*"))) < count:
@@ -462,8 +467,11 @@ def test_the_warning_signal_mid_run_checkpoints_requeues_and_resumes_exactly(slu
     release_when_pending(slurm, job)
     records = wait_until_done(run, cluster=slurm)
     ends = [r for r in records if r["event"] == "end"]
-    assert [(e["exit"], e["outcome"], e["action"]) for e in ends] == [(75, "stopped", "continue"), (0, "finished", "done")]
+    assert [(e["exit"], e["outcome"], e["action"]) for e in ends] == [(75, "stopped", "continue"), (0, "finished", "done")], \
+        run_logs(run)
     assert "requeued job" in ends[0]["message"]
+    port = lambda restart: re.search(r"MASTER_PORT=(\d+)", (run / "slurm" / f"env-{job}-{restart}.txt").read_text())[1]
+    assert port(0) != port(1)  # the requeued start does not meet the first start's sockets
     assert same(metrics(run), metrics(slurm_reference[0]))
     rank0 = (run / "logs" / f"recur-gla-tiny-{job}-rank0.out").read_text()
     assert "stopped by SIGUSR1 at step 2" in rank0 and "resumed from" in rank0  # one log, appended to
