@@ -29,6 +29,9 @@ import torch
 from tqdm import tqdm
 
 
+FULL = " (full logits)"  # the row of a model whose loss came from the whole sequence's logits
+
+
 def llama(width: int, layers: int, vocab: int, max_len: int):
     """The baseline every model is compared with: transformers' Llama with SDPA attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -102,9 +105,15 @@ def return_freed_memory_to_the_system():
         pass
 
 
-def train_step(model, optimizer, ids):
+def train_step(model, optimizer, ids, full_logits: bool = False):
+    """One step; `full_logits`: the loss from the [B, T, vocab] float32 logits, as most training code
+    computes it, instead of recur's chunked cross entropy."""
     if type(model).__module__.startswith("titans_pytorch"):
         loss = model(ids, return_loss=True)
+    elif full_logits:
+        from recur.modeling.base import causal_lm_loss
+
+        loss = causal_lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
     else:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
@@ -113,7 +122,8 @@ def train_step(model, optimizer, ids):
     return loss
 
 
-def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float, device) -> dict:
+def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float, device,
+            full_logits: bool = False) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") \
         else model.token_emb.num_embeddings
@@ -121,7 +131,7 @@ def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     with PeakMemory(device) as memory:
         start = time.perf_counter()
-        train_step(model, optimizer, ids)  # the first step also allocates AdamW's state
+        train_step(model, optimizer, ids, full_logits)  # the first step also allocates AdamW's state
         sync()
         first = time.perf_counter() - start
     times = [first]
@@ -129,7 +139,7 @@ def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            train_step(model, optimizer, ids)
+            train_step(model, optimizer, ids, full_logits)
             sync()
             times.append(time.perf_counter() - start)
     seconds = min(times)
@@ -172,6 +182,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-step-seconds", type=float, default=120.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--full-logits-too", action="store_true",
+                        help="also time each recur model with its loss from the full logits (what chunked "
+                             "cross entropy saves)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     shapes = [_shape(s) for s in args.shapes.split(",") if s.strip()]
@@ -190,25 +203,30 @@ def main(argv=None) -> int:
     return_freed_memory_to_the_system()
     device = torch.device(args.device)
     peak = measured_matmul_peak(device)
+    ours = set(lineup()[0]) - {"llama"} - set(lineup()[1].values())
+    runs = [(name, False) for name in names]
+    if args.full_logits_too:
+        runs = [(name, full) for name in names for full in ((False, True) if name in ours else (False,))]
     rows, too_slow = [], set()
-    with tqdm(total=len(shapes) * len(names), desc="bench train", unit="run") as bar:
+    with tqdm(total=len(shapes) * len(runs), desc="bench train", unit="run") as bar:
         for batch, seq_len in shapes:
-            for name in names:
-                bar.set_postfix_str(f"{name} {batch}x{seq_len}")
-                row = {"model": name, "batch": batch, "seq_len": seq_len}
-                if (name, batch) in too_slow:
+            for name, full in runs:
+                label = f"{name}{FULL if full else ''}"
+                bar.set_postfix_str(f"{label} {batch}x{seq_len}")
+                row = {"model": label, "batch": batch, "seq_len": seq_len}
+                if (label, batch) in too_slow:
                     row["skipped"] = f"a step took over {args.max_step_seconds:g} s at a shorter length"
                 else:
                     torch.manual_seed(0)
                     model = table[name]().to(device).train()
                     try:
-                        row.update(measure(model, batch, seq_len, args.steps, args.max_step_seconds, device))
+                        row.update(measure(model, batch, seq_len, args.steps, args.max_step_seconds, device, full))
                         flops = model_flops_per_token(model, seq_len)
                         row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
                     except torch.OutOfMemoryError:
                         row["skipped"] = "out of memory"
                     if row.get("first_step_only") or row.get("skipped"):
-                        too_slow.add((name, batch))
+                        too_slow.add((label, batch))
                     del model
                     gc.collect()
                 rows.append(row)
@@ -233,6 +251,10 @@ def add_ratios(rows: list[dict]) -> None:
         for field, other in (("vs_llama", "llama"), ("vs_peer", peers.get(r["model"]))):
             base = speed.get((other, *key)) if other and other != r["model"] else None
             r[field] = r["tokens_per_s"] / base if r.get("tokens_per_s") and base else None
+    peak = {(r["model"], r["batch"], r["seq_len"]): r.get("peak_mb") for r in rows}
+    for r in rows:  # chunked cross entropy's peak memory over the same model's with full logits
+        full = peak.get((r["model"] + FULL, r["batch"], r["seq_len"]))
+        r["memory_vs_full_logits"] = r["peak_mb"] / full if full and r.get("peak_mb") is not None else None
 
 
 def format_table(rows: list[dict]) -> str:
@@ -247,7 +269,9 @@ def format_table(rows: list[dict]) -> str:
         note = " (1 step)" if r["first_step_only"] else ""
         mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.0f}%"
         peer = peers.get(r["model"], "")
+        saved = r.get("memory_vs_full_logits")
+        memory = f" ({ratio(saved)} of full logits)" if saved else ""
         lines.append(f"| {r['model']} | {shape} | {r['tokens_per_s']:,.0f}{note} | {ratio(r['vs_llama'])} | "
                      f"{ratio(r['vs_peer'])}{' ' + peer if peer and r['vs_peer'] else ''} | "
-                     f"{r['peak_mb']:,.0f} MB | {mfu} |")
+                     f"{r['peak_mb']:,.0f} MB{memory} | {mfu} |")
     return "\n".join(lines)

@@ -40,6 +40,17 @@ def test_a_model_over_the_step_limit_is_timed_once_and_skipped_after(capsys):
     assert "(1 step)" in table and "skipped" in table
 
 
+def test_full_logits_too_times_each_recur_model_with_and_without_chunked_cross_entropy(capsys):
+    out = run(capsys, "--shapes", "1x64", "--models", "llama,recur_gla", "--full-logits-too")
+    rows = {r["model"]: r for r in out["rows"]}
+    assert list(rows) == ["llama", "recur_gla", "recur_gla (full logits)"]  # the peers have no chunked loss
+    gla, full = rows["recur_gla"], rows["recur_gla (full logits)"]
+    assert full["tokens_per_s"] > 0 and "memory_vs_full_logits" in gla
+    if full["peak_mb"]:  # (a tiny model's step may not grow resident memory at all)
+        assert gla["memory_vs_full_logits"] == pytest.approx(gla["peak_mb"] / full["peak_mb"])
+        assert "of full logits" in bench_train.format_table(out["rows"])
+
+
 def test_bad_shapes_and_names_are_one_line_errors():
     with pytest.raises(EvalError, match="BxT"):
         bench_train.main(["--shapes", "2by3"])
