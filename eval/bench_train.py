@@ -14,7 +14,9 @@ Peak memory is the step's growth of resident memory on CPU (sampled every 2 ms, 
 hand large blocks back to the system when they are freed) and `max_memory_allocated` on GPU. MFU is
 model FLOPs per token (train/flops.py: 6N plus the token mixing) times tokens/s over the measured
 float32 matmul peak of this process. A model whose step took longer than `--max-step-seconds` is
-timed on that one step and skipped at longer sequences.
+timed on that one step and skipped at longer sequences. `--full-logits-too` also times each recur model
+with its loss taken from the whole [B, T, vocab] float32 logits, as most training code does, and shows
+the peak memory of recur's chunked cross entropy as a ratio of that.
 """
 from __future__ import annotations
 
