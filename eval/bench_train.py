@@ -36,14 +36,11 @@ FULL = " (full logits)"  # the row of a model whose loss came from the whole seq
 
 def llama(width: int, layers: int, vocab: int, max_len: int):
     """The baseline every model is compared with: transformers' Llama with SDPA attention."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from recur.modeling.family import BENCH_HEAD
+    from recur.modeling.family import bench_llama_config
 
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
-        num_attention_heads=width // BENCH_HEAD, num_key_value_heads=width // BENCH_HEAD,
-        max_position_embeddings=max_len, tie_word_embeddings=False, attn_implementation="sdpa"))
+    return LlamaForCausalLM(bench_llama_config(width, layers, vocab, max_len))
 
 
 def lineup() -> tuple[dict, dict]:
@@ -205,7 +202,8 @@ def main(argv=None) -> int:
     return_freed_memory_to_the_system()
     device = torch.device(args.device)
     peak = measured_matmul_peak(device)
-    ours = set(lineup()[0]) - {"llama"} - set(lineup()[1].values())
+    builds, peers = lineup()
+    ours = set(builds) - {"llama"} - set(peers.values())
     runs = [(name, False) for name in names]
     if args.full_logits_too:
         runs = [(name, full) for name in names for full in ((False, True) if name in ours else (False,))]

@@ -108,12 +108,13 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor, pos
 
     targets = next_token_targets(labels, position_ids).flatten()
     h, chunk = hidden[:, :-1].flatten(0, 1), chunk or LOSS_CHUNK
+    scored = (targets != -100).sum().clamp(min=1)
     if h.shape[0] <= chunk:  # one piece: nothing to save by recomputing it
-        return _loss_sum(h, targets, head) / (targets != -100).sum().clamp(min=1)
+        return _loss_sum(h, targets, head) / scored
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for at in range(0, h.shape[0], chunk):
         total = total + checkpoint(_loss_sum, h[at:at + chunk], targets[at:at + chunk], head, use_reentrant=False)
-    return total / (targets != -100).sum().clamp(min=1)
+    return total / scored
 
 
 def _loss_sum(hidden, targets, head):

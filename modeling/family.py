@@ -60,6 +60,15 @@ class BenchModel:
     build_peer: Callable | None = None
 
 
+def bench_llama_config(width: int, layers: int, vocab: int, max_len: int):
+    """The benchmarks' baseline transformer (transformers' Llama, SDPA attention) at the lineup's shape."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+                       num_attention_heads=width // BENCH_HEAD, num_key_value_heads=width // BENCH_HEAD,
+                       max_position_embeddings=max_len, tie_word_embeddings=False, attn_implementation="sdpa")
+
+
 def converted(peer, convert: Callable, causal_lm: type, as_dict: bool = False):
     """recur's model converted from a peer model (`convert(config, state_dict)`): the same weights."""
     config, state = convert(peer.config.to_dict() if as_dict else peer.config, peer.state_dict())

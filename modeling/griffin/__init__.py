@@ -13,7 +13,6 @@ def mixing_flops(config: GriffinConfig, seq_len: int):
     return attention_layers * per_layer, "6N + 3·L_attn·4·heads·head_dim·w̄"
 
 
-
 def recurrent_gemma(blocks: list[str]):
     """The benchmarks' peer: transformers' RecurrentGemmaForCausalLM with these block types."""
     def build(width, layers, vocab, max_len):

@@ -1,4 +1,4 @@
-from ..family import BENCH_HEAD, BenchModel, Family
+from ..family import BenchModel, Family, bench_llama_config
 from .configuration_liger import METHODS, LigerConfig
 from .modeling_liger import LigerForCausalLM, LigerModel
 
@@ -20,14 +20,9 @@ def mixing_flops(config: LigerConfig, seq_len: int):
     return total, "6N + 3·Σ_layers (4·H·Dh·w̄ + 5·H·Dh²)"
 
 
-
 def bench_liger_gla(width, layers, vocab, max_len):
     """Liger-GLA made from the benchmarks' Llama (window 64)."""
-    from transformers import LlamaConfig
-
-    teacher = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
-                          num_attention_heads=width // BENCH_HEAD, num_key_value_heads=width // BENCH_HEAD,
-                          max_position_embeddings=max_len, tie_word_embeddings=False)
+    teacher = bench_llama_config(width, layers, vocab, max_len)
     return LigerForCausalLM(LigerConfig.from_teacher(teacher, method="liger-gla", window=64))
 
 

@@ -9,7 +9,6 @@ def mixing_flops(config: Mamba2Config, seq_len: int):
     return config.num_hidden_layers * 7 * config.d_inner * config.d_state, "6N + 3·L·7·d_inner·d_state"
 
 
-
 def transformers_mamba2(width, layers, vocab, max_len):
     """The benchmarks' peer: transformers' Mamba2ForCausalLM (its torch path without mamba_ssm's kernels)."""
     import transformers
