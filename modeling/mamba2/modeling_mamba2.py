@@ -29,7 +29,7 @@ class Mamba2Mixer(nn.Module):
         self.d_inner, self.num_heads, self.headdim = config.d_inner, config.num_heads, config.headdim
         self.ngroups, self.d_state, self.conv_dim = config.ngroups, config.d_state, config.conv_dim
         # config.chunk_size is mamba_ssm's GPU tile (256); the PyTorch path's [C, C] work per chunk makes
-        # chunks of 64 about 3x faster there (recur bench kernels), with the same result up to rounding
+        # chunks of 64 about 3x faster there (BENCHMARKS.md), with the same result up to rounding
         self.dt_limit, self.chunk_size = config.dt_limit, min(config.chunk_size, 64)
         H = self.num_heads
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + H, bias=config.bias)
