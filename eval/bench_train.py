@@ -10,13 +10,16 @@ attention), `Mamba2ForCausalLM` (its torch path, the one that runs without mamba
 config (`from_transformers`), so those pairs are the same model. Everything runs in this process, one
 model at a time; `vs llama` and `vs peer` are ratios of tokens/s.
 
-Peak memory is the step's growth of resident memory on CPU (sampled every 2 ms, with glibc told to
-hand large blocks back to the system when they are freed) and `max_memory_allocated` on GPU. MFU is
+Peak memory is the first step's growth of resident memory on CPU (sampled every 2 ms, with glibc told
+to hand large blocks back to the system when they are freed) and `max_memory_allocated` on GPU. MFU is
 model FLOPs per token (train/flops.py: 6N plus the token mixing) times tokens/s over the measured
 float32 matmul peak of this process. A model whose step took longer than `--max-step-seconds` is
-timed on that one step and skipped at longer sequences. `--full-logits-too` also times each recur model
+timed on that one step and skipped at longer sequences, and so is one whose step, scaled linearly from
+its last shape, would take longer; on CPU the process's address space is capped just under the
+machine's memory, so a model that does not fit is reported out of memory instead of killing the run. `--full-logits-too` also times each recur model
 with its loss taken from the whole [B, T, vocab] float32 logits, as most training code does, and shows
-the peak memory of recur's chunked cross entropy as a ratio of that.
+the peak memory of recur's chunked cross entropy as a ratio of that. The timed steps run with freed
+memory kept in the process, as `recur train` runs.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import argparse
 import ctypes
 import gc
 import json
+import sys
 import threading
 import time
 
@@ -95,13 +99,48 @@ class PeakMemory:
             self._thread.join()
 
 
-def return_freed_memory_to_the_system():
-    """glibc: blocks of 64 KiB and more come from mmap and go back on free (no dynamic threshold), so
-    resident memory follows what is allocated."""
+def allocator(measuring_memory: bool) -> None:
+    """glibc: while measuring memory, blocks of 64 KiB and more come from mmap and go back on free, so
+    resident memory follows what is allocated; while timing, freed memory stays in the process as in
+    `recur train` (cli.keep_freed_memory), so neither side pays page faults for its temporaries."""
+    from recur.cli import keep_freed_memory
+
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if measuring_memory:
+        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD: glibc's default
+        libc.mallopt(-2, 0)  # M_TOP_PAD
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)  # what the last model kept
+    else:
+        keep_freed_memory()
+
+
+def memory_limit(device: torch.device):
+    """On CPU, cap this process's address space just under the machine's memory, so that a model too
+    large for it fails with an out-of-memory error (reported in its row) instead of the kernel killing
+    the whole run."""
+    import contextlib
+    import resource
+
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(open("/proc/self/statm").read().split()[0]) * 4096  # address space already mapped
+
+    @contextlib.contextmanager
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (min(used + int(0.9 * available), hard if hard > 0 else 1 << 62), hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    return limited()
 
 
 def train_step(model, optimizer, ids, full_logits: bool = False):
@@ -128,6 +167,7 @@ def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float
         else model.token_emb.num_embeddings
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    allocator(measuring_memory=True)
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         train_step(model, optimizer, ids, full_logits)  # the first step also allocates AdamW's state
@@ -135,6 +175,7 @@ def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float
         first = time.perf_counter() - start
     times = [first]
     if first <= max_step_seconds:
+        allocator(measuring_memory=False)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
@@ -199,7 +240,6 @@ def main(argv=None) -> int:
         raise EvalError(f"--models: unknown {', '.join(unknown)} (known: {', '.join(table)})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    return_freed_memory_to_the_system()
     device = torch.device(args.device)
     peak = measured_matmul_peak(device)
     builds, peers = lineup()
@@ -207,15 +247,18 @@ def main(argv=None) -> int:
     runs = [(name, False) for name in names]
     if args.full_logits_too:
         runs = [(name, full) for name in names for full in ((False, True) if name in ours else (False,))]
-    rows, too_slow = [], set()
-    with tqdm(total=len(shapes) * len(runs), desc="bench train", unit="run") as bar:
+    rows, last = [], {}  # last: (label, batch) -> (seq_len, step seconds) of its latest timed shape
+    with tqdm(total=len(shapes) * len(runs), desc="bench train", unit="run") as bar, memory_limit(device):
         for batch, seq_len in shapes:
             for name, full in runs:
                 label = f"{name}{FULL if full else ''}"
                 bar.set_postfix_str(f"{label} {batch}x{seq_len}")
                 row = {"model": label, "batch": batch, "seq_len": seq_len}
-                if (label, batch) in too_slow:
-                    row["skipped"] = f"a step took over {args.max_step_seconds:g} s at a shorter length"
+                before = last.get((label, batch))
+                if before == "skip":
+                    row["skipped"] = "skipped at a shorter length"
+                elif before and before[1] * seq_len / before[0] > args.max_step_seconds:
+                    row["skipped"] = f"a step would take over {args.max_step_seconds:g} s"
                 else:
                     torch.manual_seed(0)
                     model = table[name]().to(device).train()
@@ -223,13 +266,14 @@ def main(argv=None) -> int:
                         row.update(measure(model, batch, seq_len, args.steps, args.max_step_seconds, device, full))
                         flops = model_flops_per_token(model, seq_len)
                         row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
-                    except torch.OutOfMemoryError:
+                    except (torch.OutOfMemoryError, MemoryError):
                         row["skipped"] = "out of memory"
-                    if row.get("first_step_only") or row.get("skipped"):
-                        too_slow.add((label, batch))
                     del model
                     gc.collect()
+                skipped = row.get("skipped") or row.get("first_step_only")
+                last[label, batch] = "skip" if skipped else (seq_len, row["step_s"])
                 rows.append(row)
+                bar.write(format_table([row], header=False), file=sys.stderr)  # stdout: the table or JSON
                 bar.update()
     add_ratios(rows)
     if args.json:
@@ -257,10 +301,11 @@ def add_ratios(rows: list[dict]) -> None:
         r["memory_vs_full_logits"] = r["peak_mb"] / full if full and r.get("peak_mb") is not None else None
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], header: bool = True) -> str:
     ratio = lambda x: "" if x is None else f"{x:.2f}x"
     peers = lineup()[1]
     lines = ["| model | B x T | tokens/s | vs llama | vs peer | peak memory | MFU |", "|---|---|---|---|---|---|---|"]
+    lines = lines if header else []
     for r in rows:
         shape = f"{r['batch']} x {r['seq_len']:,}"
         if r.get("skipped"):
@@ -271,7 +316,7 @@ def format_table(rows: list[dict]) -> str:
         peer = peers.get(r["model"], "")
         saved = r.get("memory_vs_full_logits")
         memory = f" ({ratio(saved)} of full logits)" if saved else ""
-        lines.append(f"| {r['model']} | {shape} | {r['tokens_per_s']:,.0f}{note} | {ratio(r['vs_llama'])} | "
-                     f"{ratio(r['vs_peer'])}{' ' + peer if peer and r['vs_peer'] else ''} | "
+        lines.append(f"| {r['model']} | {shape} | {r['tokens_per_s']:,.0f}{note} | {ratio(r.get('vs_llama'))} | "
+                     f"{ratio(r.get('vs_peer'))}{' ' + peer if peer and r.get('vs_peer') else ''} | "
                      f"{r['peak_mb']:,.0f} MB{memory} | {mfu} |")
     return "\n".join(lines)

@@ -70,3 +70,21 @@ def test_bench_decode_runs_lineup_models_at_several_batch_sizes(capsys):
     assert len({r["cache_mb"] for r in gla if r["batch"] == 1}) == 1  # constant in the prompt length
     llama = [r for r in rows if r["model"] == "llama" and r["batch"] == 1]
     assert llama[1]["cache_mb"] > llama[0]["cache_mb"]
+
+
+def test_a_model_whose_step_would_pass_the_limit_at_a_longer_length_is_skipped(capsys):
+    out = run(capsys, "--shapes", "1x32,1x4096", "--models", "recur_gla", "--max-step-seconds", "0.01")
+    first, second = out["rows"]
+    if not first["first_step_only"]:  # the short step fit in the limit: the long one is predicted not to
+        assert second["skipped"] == "a step would take over 0.01 s"
+
+
+def test_a_model_too_large_for_the_machine_fails_with_out_of_memory_not_a_kill():
+    import torch
+
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal"))
+    with bench_train.memory_limit(torch.device("cpu")):
+        with pytest.raises((torch.OutOfMemoryError, MemoryError, RuntimeError)):
+            torch.ones(total // 4, dtype=torch.float32)
+    torch.ones(1 << 20)  # the limit is lifted afterwards
