@@ -21,8 +21,9 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from <malloc.h>
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4  # from <malloc.h>
     libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
+    libc.mallopt(m_mmap_max, 0)  # nor mmap blocks over 32 MB (T = 32K activations): 2-3x a step at 32K
     libc.mallopt(m_trim_threshold, 1 << 30)
     libc.mallopt(m_top_pad, 64 << 20)
 

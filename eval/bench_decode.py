@@ -13,6 +13,7 @@ the prompt and after decoding, and the ratio of each model's tokens/s to the fir
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -59,7 +60,7 @@ def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, s
 
 
 def main(argv=None) -> int:
-    from .bench_train import builders
+    from .bench_train import builders, memory_limit, out_of_memory
     from .harness import EvalError
     from .load import load
 
@@ -93,13 +94,22 @@ def main(argv=None) -> int:
             model, _, source = load(spec)
             name = str(source.path)
         runs = [(b, p) for b in batches for p in prompts]
-        for batch, prompt in tqdm(runs, desc=name.split("/")[-1], unit="run"):
-            rows.append({"model": name, "type": model.config.model_type,
-                         **decode_speed(model, prompt, args.new_tokens, batch)})
+        with tqdm(runs, desc=name.split("/")[-1], unit="run") as bar, memory_limit(model.device):
+            for batch, prompt in bar:
+                row = {"model": name, "type": model.config.model_type, "prompt": prompt, "batch": batch}
+                try:
+                    row.update(decode_speed(model, prompt, args.new_tokens, batch))
+                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                    if not out_of_memory(error):
+                        raise
+                    row["skipped"] = "out of memory"
+                rows.append(row)
+                bar.write(format_row(row), file=sys.stderr)  # stdout: the table or JSON
         del model
-    base = {(r["batch"], r["prompt"]): r["tokens_per_s"] for r in rows if r["model"] == rows[0]["model"]}
+    base = {(r["batch"], r["prompt"]): r.get("tokens_per_s") for r in rows if r["model"] == rows[0]["model"]}
     for r in rows:
-        r["vs_first"] = r["tokens_per_s"] / base[r["batch"], r["prompt"]]
+        first = base.get((r["batch"], r["prompt"]))
+        r["vs_first"] = r["tokens_per_s"] / first if first and "tokens_per_s" in r else None
     if args.json:
         import json
 
@@ -110,6 +120,14 @@ def main(argv=None) -> int:
     print("| model | type | batch | prompt | decode tokens/s | ratio | cache after the prompt | after decoding | prefill |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['type']} | {r['batch']} | {r['prompt']:,} | {r['tokens_per_s']:.1f} | "
-              f"{r['vs_first']:.2f}x | {r['cache_mb']:.2f} MB | {r['cache_mb_after']:.2f} MB | {r['prefill_s']:.1f} s |")
+        print(format_row(r))
     return 0
+
+
+def format_row(r: dict) -> str:
+    start = f"| {r['model']} | {r['type']} | {r['batch']} | {r['prompt']:,} |"
+    if "skipped" in r:
+        return f"{start} {r['skipped']} | | | | |"
+    ratio = "" if r.get("vs_first") is None else f"{r['vs_first']:.2f}x"
+    return (f"{start} {r['tokens_per_s']:.1f} | {ratio} | {r['cache_mb']:.2f} MB | {r['cache_mb_after']:.2f} MB | "
+            f"{r['prefill_s']:.1f} s |")

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 
+MIN_TIMED_SECONDS, MAX_STEPS = 10.0, 20  # short steps are repeated: the best of more runs is steadier
 FULL = " (full logits)"  # the row of a model whose loss came from the whole sequence's logits
 
 
@@ -113,6 +114,7 @@ def allocator(measuring_memory: bool) -> None:
         libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD: glibc's default
         libc.mallopt(-2, 0)  # M_TOP_PAD
         libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+        libc.mallopt(-4, 65536)  # M_MMAP_MAX: glibc's default
         libc.malloc_trim(0)  # what the last model kept
     else:
         keep_freed_memory()
@@ -141,6 +143,12 @@ def memory_limit(device: torch.device):
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
     return limited()
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's and Python's out-of-memory errors, and the CPU allocator's (a RuntimeError)."""
+    return not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError) \
+        or "can't allocate memory" in str(error) or "not enough memory" in str(error)
 
 
 def train_step(model, optimizer, ids, full_logits: bool = False):
@@ -177,7 +185,7 @@ def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float
     if first <= max_step_seconds:
         allocator(measuring_memory=False)
         times = []
-        for _ in range(steps):
+        while len(times) < steps or (sum(times) < MIN_TIMED_SECONDS and len(times) < MAX_STEPS):
             start = time.perf_counter()
             train_step(model, optimizer, ids, full_logits)
             sync()
@@ -218,7 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first (the best counts)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first, at least (short steps repeat for 10 s; the best counts)")
     parser.add_argument("--max-step-seconds", type=float, default=120.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -266,7 +274,9 @@ def main(argv=None) -> int:
                         row.update(measure(model, batch, seq_len, args.steps, args.max_step_seconds, device, full))
                         flops = model_flops_per_token(model, seq_len)
                         row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
-                    except (torch.OutOfMemoryError, MemoryError):
+                    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                        if not out_of_memory(error):
+                            raise
                         row["skipped"] = "out of memory"
                     del model
                     gc.collect()

@@ -85,6 +85,7 @@ def test_a_model_too_large_for_the_machine_fails_with_out_of_memory_not_a_kill()
     with open("/proc/meminfo") as f:
         total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal"))
     with bench_train.memory_limit(torch.device("cpu")):
-        with pytest.raises((torch.OutOfMemoryError, MemoryError, RuntimeError)):
+        with pytest.raises((torch.OutOfMemoryError, MemoryError, RuntimeError)) as error:
             torch.ones(total // 4, dtype=torch.float32)
+    assert bench_train.out_of_memory(error.value) and not bench_train.out_of_memory(RuntimeError("shape mismatch"))
     torch.ones(1 << 20)  # the limit is lifted afterwards
