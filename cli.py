@@ -28,6 +28,21 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_top_pad, 64 << 20)
 
 
+def return_freed_memory() -> None:
+    """The opposite, for measuring a step's peak resident memory: blocks of 64 KiB and more come from
+    mmap and go back to the system on free, and what the process kept so far is handed back now."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold, m_mmap_max = -1, -2, -3, -4  # from <malloc.h>
+    libc.mallopt(m_trim_threshold, 128 << 10)  # glibc's default
+    libc.mallopt(m_top_pad, 0)
+    libc.mallopt(m_mmap_threshold, 64 << 10)
+    libc.mallopt(m_mmap_max, 65536)  # glibc's default
+    libc.malloc_trim(0)
+
+
 def quiet_deepspeed() -> None:
     """Without a GPU, name DeepSpeed's accelerator: otherwise every command that imports it (through
     accelerate, lm-eval or the trainer) prints a warning before its own output."""

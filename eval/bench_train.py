@@ -16,15 +16,14 @@ model FLOPs per token (train/flops.py: 6N plus the token mixing) times tokens/s 
 float32 matmul peak of this process. A model whose step took longer than `--max-step-seconds` is
 timed on that one step and skipped at longer sequences, and so is one whose step, scaled linearly from
 its last shape, would take longer; on CPU the process's address space is capped just under the
-machine's memory, so a model that does not fit is reported out of memory instead of killing the run. `--full-logits-too` also times each recur model
-with its loss taken from the whole [B, T, vocab] float32 logits, as most training code does, and shows
-the peak memory of recur's chunked cross entropy as a ratio of that. The timed steps run with freed
+machine's memory, so a model that does not fit is reported out of memory instead of killing the run.
+`--full-logits-too` also times each recur model with its loss taken from the whole [B, T, vocab]
+float32 logits, as most training code does, and shows the peak memory of recur's chunked cross entropy as a ratio of that. The timed steps run with freed
 memory kept in the process, as `recur train` runs.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import sys
@@ -101,23 +100,11 @@ class PeakMemory:
 
 
 def allocator(measuring_memory: bool) -> None:
-    """glibc: while measuring memory, blocks of 64 KiB and more come from mmap and go back on free, so
-    resident memory follows what is allocated; while timing, freed memory stays in the process as in
-    `recur train` (cli.keep_freed_memory), so neither side pays page faults for its temporaries."""
-    from recur.cli import keep_freed_memory
+    """glibc: while measuring memory, resident memory follows what is allocated; while timing, freed
+    memory stays in the process as in `recur train`, so neither side pays page faults for its temporaries."""
+    from recur.cli import keep_freed_memory, return_freed_memory
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if measuring_memory:
-        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD: glibc's default
-        libc.mallopt(-2, 0)  # M_TOP_PAD
-        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
-        libc.mallopt(-4, 65536)  # M_MMAP_MAX: glibc's default
-        libc.malloc_trim(0)  # what the last model kept
-    else:
-        keep_freed_memory()
+    (return_freed_memory if measuring_memory else keep_freed_memory)()
 
 
 def memory_limit(device: torch.device):
@@ -226,7 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the first, at least (short steps repeat for 10 s; the best counts)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="timed steps after the first, at least (short steps repeat for 10 s; the best counts)")
     parser.add_argument("--max-step-seconds", type=float, default=120.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
