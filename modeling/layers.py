@@ -103,10 +103,13 @@ class ShortConvolution(nn.Module):
         K, T = self.kernel_size, x.shape[1]
         full = _with_history(x, state, K - 1)
         weight = self.conv.weight[:, 0, :].to(x.dtype)  # [D, K]; weight[:, K-1] multiplies the current token
-        y = x * weight[:, K - 1]
-        for back in range(1, K):
-            earlier = full[:, K - 1 - back:K - 1 - back + T]
-            y = y + earlier * weight[:, K - 1 - back] * _may_look_back(position_ids, back, x)
+        if T == 1 and position_ids is None:  # decoding: one weighted sum over the window
+            y = torch.einsum("bkd,dk->bd", full, weight)[:, None]
+        else:
+            y = x * weight[:, K - 1]
+            for back in range(1, K):
+                earlier = full[:, K - 1 - back:K - 1 - back + T]
+                y = y + earlier * weight[:, K - 1 - back] * _may_look_back(position_ids, back, x)
         if self.conv.bias is not None:
             y = y + self.conv.bias.to(x.dtype)
         if self.activation == "silu":

@@ -224,3 +224,55 @@ def test_window_attention_is_the_kernels_window_plus_persistent_keys(T, window):
     probs = torch.cat([scores, local], -1).softmax(-1)
     torch.testing.assert_close(out, torch.einsum("bthp,phv->bthv", probs[..., :2], pv)
                                + torch.einsum("bths,bshv->bthv", probs[..., 2:], v), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_state_after_the_last_token_of_ragged_rows(depth):
+    """memory_scan's `current`: (weights, momentum) after each row's last real token, inside an open
+    chunk or at a chunk's end, which decoding steps on from."""
+    weights, k, v, q, lr, eta, alpha = random_memory(B=3, T=13, depth=depth, seed=5)
+    zeros = [torch.zeros_like(w) for w in weights]
+    lengths = torch.tensor([13, 6, 8])
+    *_, (now_w, now_s) = memory_scan(weights, zeros, k, v, q, lr, eta.log(), torch.log1p(-alpha), 4,
+                                     lengths=lengths, current=True)
+    for row, n in enumerate(lengths.tolist()):
+        one = lambda t: t[row:row + 1, :n]  # noqa: E731
+        _, ref_w, ref_s = reference_memory([w[row:row + 1] for w in weights], *map(one, (k, v, q, lr, eta, alpha)), 4)
+        for a, b in zip(now_w + now_s, ref_w + ref_s):
+            torch.testing.assert_close(a[row:row + 1], b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_decoding_steps_and_chunks_in_any_mix_equal_the_full_run(variant, monkeypatch):
+    """One-token steps (the cached keys/values and the memory's own recurrence) mixed with chunked
+    prefill, on a left-padded batch whose rows sit at different places in their segments and chunks,
+    give the full run's logits (float64); the single-token paths are really taken."""
+    from recur.modeling.titans import TitansForCausalLM
+    from recur.modeling.titans import memory as memory_module
+    from recur.modeling.titans import modeling_titans
+
+    steps = []
+    for cls in (memory_module.NeuralMemory, modeling_titans.MemoryAsContext):
+        original = cls.step
+        monkeypatch.setattr(cls, "step", lambda self, *a, _f=original, **k: steps.append(1) or _f(self, *a, **k))
+    torch.manual_seed(0)
+    config = TitansConfig(variant=variant, vocab_size=101, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                          intermediate_size=64, memory_depth=2, memory_chunk_size=4, segment_len=8,
+                          attention_window_size=6, num_persistent_tokens=2)
+    model = TitansForCausalLM(config).double().eval()
+    x = torch.randint(0, 101, (2, 30))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full = model(x, attention_mask=mask).logits
+        alone = model(x[:1, 3:]).logits
+        cache, outs, at = None, [], 0
+        for n in [5, 1, 1, 1, 1, 1, 1, 7, 1, 1, 9, 1]:
+            out = model(x[:, at:at + n], attention_mask=mask[:, :at + n], past_key_values=cache, use_cache=True)
+            cache, at = out.past_key_values, at + n
+            outs.append(out.logits)
+    pieces = torch.cat(outs, 1)
+    torch.testing.assert_close(pieces[1], full[1], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(pieces[0, 3:], full[0, 3:], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(full[0, 3:], alone[0], atol=1e-10, rtol=1e-10)
+    assert len(steps) == 9 * 2 * (2 if variant == "mac" else 1)  # 9 one-token calls, 2 layers

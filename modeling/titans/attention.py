@@ -14,14 +14,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def rotary(x, position_ids, theta):
-    """RoPE (rotate-half) on x [B, T, H, K] at positions [B, T]."""
+def rotary(x, position_ids, theta, angles=None):
+    """RoPE (rotate-half) on x [B, T, H, K] at positions [B, T] (or at `angles`, rotary_angles' output)."""
     K = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, K, 2, device=x.device, dtype=torch.float32) / K)
+    cos, sin = angles if angles is not None else rotary_angles(position_ids, K, theta)
+    half = torch.cat([-x[..., K // 2:], x[..., :K // 2]], -1)
+    return x * cos.to(x.dtype) + half * sin.to(x.dtype)
+
+
+def rotary_angles(position_ids, dim, theta):
+    """cos and sin [B, T, 1, dim] of RoPE at positions [B, T], for several tensors at the same positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], -1)[:, :, None]
-    half = torch.cat([-x[..., K // 2:], x[..., :K // 2]], -1)
-    return x * emb.cos().to(x.dtype) + half * emb.sin().to(x.dtype)
+    return emb.cos(), emb.sin()
 
 
 def _softmax_read(scores, values):
@@ -105,22 +111,49 @@ class SegmentAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D, D, bias=False) for _ in range(4))
         self.persistent = nn.Parameter(torch.zeros(config.num_persistent_tokens, D))
 
-    def forward(self, x, h, valid):
-        """x, h [B, c, D] (the segment and its reads, from the segment start); valid [B, c] bool."""
-        B, c, _ = x.shape
+    def _project(self, x, h, positions):
+        """q of x, and k, v of h and of x, at in-segment positions [B, c]: q [B, c, H, K] and
+        (k_h, k_x, v_h, v_x) [B, H, c, K]."""
+        c = x.shape[1]
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731
-        positions = torch.arange(c, device=x.device).expand(B, c)
-        q = rotary(heads(self.q_proj(x)), positions, self.rope_theta)
+        angles = rotary_angles(positions, self.q_proj.out_features // self.num_heads, self.rope_theta)
+        q = rotary(heads(self.q_proj(x)), None, None, angles)
         tokens = torch.cat([h, x], 1)
-        k = rotary(heads(self.k_proj(tokens)), positions.repeat(1, 2), self.rope_theta)
-        v = heads(self.v_proj(tokens))
-        pk, pv = heads(self.k_proj(self.persistent)), heads(self.v_proj(self.persistent))
-        i, j = torch.arange(c, device=x.device)[:, None], torch.arange(c, device=x.device)[None]
-        mask = ((j <= i) & valid[:, None, None, :]) | (j == i)  # [B, 1, c, c]
-        scale = q.shape[-1] ** -0.5
-        fixed = torch.einsum("bihk,phk->bhip", q, pk.to(q.dtype)) * scale
-        local = torch.einsum("bihk,bjhk->bhij", q, k) * scale
-        local = local.masked_fill(~mask.repeat(1, 1, 1, 2), float("-inf"))
-        values = torch.cat([pv.to(v.dtype).transpose(0, 1).expand(B, -1, -1, -1), v.transpose(1, 2)], 2)
-        out = _softmax_read(torch.cat([fixed, local], -1), values)  # [B, H, c, V]
+        k = rotary(heads(self.k_proj(tokens)), None, None, tuple(t.repeat(1, 2, 1, 1) for t in angles))
+        k, v = k.transpose(1, 2), heads(self.v_proj(tokens)).transpose(1, 2)
+        return q, (k[:, :, :c], k[:, :, c:], v[:, :, :c], v[:, :, c:])
+
+    def _read(self, q, parts):
+        """q [B, c, H, K] over the persistent keys and each (keys, values [B, H, s, K], seen [B, c, s])
+        of `parts`: one softmax over all of them, without concatenating the keys."""
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(0, 1)  # noqa: E731  [H, P, K]
+        pk, pv = heads(self.k_proj(self.persistent)).to(q.dtype), heads(self.v_proj(self.persistent)).to(q.dtype)
+        q = q.transpose(1, 2) * q.shape[-1] ** -0.5  # [B, H, c, K]
+        scores = [q @ pk.transpose(-1, -2)]
+        for keys, _, seen in parts:
+            scores.append((q @ keys.to(q.dtype).transpose(-1, -2)).masked_fill(~seen[:, None], float("-inf")))
+        dt = torch.promote_types(q.dtype, torch.float32)
+        probs = torch.cat(scores, -1).to(dt).softmax(-1).to(q.dtype).split([t.shape[-1] for t in scores], -1)
+        out = probs[0] @ pv
+        for p, (_, values, _) in zip(probs[1:], parts):
+            out = out + p @ values.to(q.dtype)
         return self.o_proj(out.transpose(1, 2).flatten(-2))
+
+    def forward(self, x, h, valid):
+        """x, h [B, c, D] (the segment and its reads, from the segment start); valid [B, c] bool.
+        Returns the output [B, c, D] and the keys and values (k_h, k_x, v_h, v_x) [B, H, c, K]."""
+        B, c, _ = x.shape
+        q, kv = self._project(x, h, torch.arange(c, device=x.device).expand(B, c))
+        i, j = torch.arange(c, device=x.device)[:, None], torch.arange(c, device=x.device)[None]
+        seen = ((j <= i) & valid[:, None, :]) | (j == i)  # [B, c, c]
+        return self._read(q, [(kv[0], kv[2], seen), (kv[1], kv[3], seen)]), kv
+
+    def step(self, x, h, position, cached):
+        """One token per row: x, h [B, 1, D] at in-segment `position` [B], after the segment's earlier
+        keys and values `cached` (k_h, k_x, v_h, v_x) [B, H, S, K], the first `position` of each valid."""
+        q, kv = self._project(x, h, position[:, None])
+        earlier = (torch.arange(cached[0].shape[2], device=x.device) < position[:, None])[:, None]  # [B, 1, S]
+        itself = earlier.new_ones(x.shape[0], 1, 1)
+        parts = [(cached[0], cached[2], earlier), (cached[1], cached[3], earlier), (kv[0], kv[2], itself),
+                 (kv[1], kv[3], itself)]
+        return self._read(q, parts), kv

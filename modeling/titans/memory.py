@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import GatedRMSNorm, ShortConvolution
-from .rows import realign, tail, unalign
+from .rows import realign, tail, unalign, window_before, write_slot
 
 
 def _gelu(z):
@@ -61,15 +61,15 @@ def _segment_sums(x):
 
 def _coefficients(lr, log_eta, log_keep):
     """What a chunk's gates do, for gates [..., c] (θ, log η, log(1 − α)), as
-    M_i = keep_i M_0 + from_momentum_i S_0 − Σ_{j≤i} coef_ij u_j and S_c = eta_end S_0 − Σ_j to_momentum_j u_j,
-    u_j the gradient of token j at M_0."""
+    M_i = keep_i M_0 + from_momentum_i S_0 − Σ_{j≤i} coef_ij u_j and
+    S_i = eta_from_start_i S_0 − Σ_{j≤i} momentum_coef_ij u_j, u_j the gradient of token j at M_0."""
     eta_between = _segment_sums(log_eta).exp()  # (m, j): Π_{j<l≤m} η_l
     keep_between = _segment_sums(log_keep).exp()  # (i, m): Π_{m<l≤i} (1 − α_l)
     eta_from_start = log_eta.cumsum(-1).exp()
     return dict(keep=log_keep.cumsum(-1).exp(),
                 from_momentum=(keep_between @ eta_from_start.unsqueeze(-1)).squeeze(-1),
                 coef=(keep_between @ eta_between) * lr.unsqueeze(-2),  # Σ_{m=j..i} Π(1 − α) Π η, times θ_j
-                eta_end=eta_from_start[..., -1], to_momentum=eta_between[..., -1, :] * lr)
+                eta_from_start=eta_from_start, momentum_coef=eta_between * lr.unsqueeze(-2))
 
 
 def _key_pass(weights, k, v, activation):
@@ -89,14 +89,38 @@ def _key_pass(weights, k, v, activation):
     return inputs, grads
 
 
-def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, activation="gelu", lengths=None):
+def _chunk(co, i):
+    return {name: t[:, i] for name, t in co.items()}
+
+
+def _state_at(weights, momentum, inputs, grads, co, at):
+    """(weights, momentum) after token `at` (an int, or per row [B]) of a chunk that started at
+    (weights, momentum): co holds the chunk's coefficients ([B, H, c], [B, H, c, c]), inputs and grads
+    its key pass."""
+    B, H, c = co["keep"].shape
+    if isinstance(at, int):
+        row = lambda t: t[..., at, None, None]  # noqa: E731  [B, H, 1, 1]
+        rows = lambda t: t[..., at, :]  # noqa: E731  [B, H, c]
+    else:
+        row = lambda t: t.gather(-1, at.view(B, 1, 1).expand(B, H, 1))[..., None]  # noqa: E731
+        rows = lambda t: t.gather(-2, at.view(B, 1, 1, 1).expand(B, H, 1, c))[:, :, 0]  # noqa: E731
+    update = lambda by: [torch.einsum("bhj,bjhi,bjho->bhio", by, x, g) for x, g in zip(inputs, grads)]  # noqa: E731
+    new_w = [w * row(co["keep"]) + s * row(co["from_momentum"]) - u
+             for w, s, u in zip(weights, momentum, update(rows(co["coef"])))]
+    new_s = [s * row(co["eta_from_start"]) - u for s, u in zip(momentum, update(rows(co["momentum_coef"])))]
+    return new_w, new_s
+
+
+def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, activation="gelu", lengths=None,
+                current=False):
     """The memory over [B, L] tokens from (weights, momentum) (lists of [B, H, i, o], float32 or wider).
 
     k, q [B, L, H, dk]; v [B, L, H, dv]; lr = θ, log_eta = log η, log_keep = log(1 − α) [B, L, H].
     Only the key pass and the state update go chunk after chunk; the gate coefficients before and
     the reads after are batched over all chunks. A row's tokens at or past `lengths` [B] (right
     padding) change none of its state. Returns (reads [B, L, H, dv], weights, momentum) with the
-    state after each row's last complete chunk.
+    state after each row's last complete chunk, and with `current` also (weights, momentum) after
+    each row's last token (what a token-by-token step goes on from).
     """
     B, L, H, _ = k.shape
     c, n = chunk_size, math.ceil(L / chunk_size)
@@ -105,7 +129,6 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
     k, v, q = chunks(k), chunks(v), chunks(q)  # [B, n, c, H, d]
     gates = [chunks(t).permute(0, 1, 3, 2) for t in (lr, log_eta, log_keep)]  # [B, n, H, c]
     co = _coefficients(*gates)
-    at_end = lambda t, i: t[:, i, ..., None, None]  # noqa: E731  [B, n, H] -> chunk i's, as [B, H, 1, 1]
     anchors, saved = [], []
     for i in range(n):
         inputs, grads = _key_pass(weights, k[:, i], v[:, i], activation)
@@ -113,10 +136,7 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
         saved.append((inputs, grads))
         if i == n - 1 and grow:
             break  # an open chunk: nothing settles
-        update = lambda by: [torch.einsum("bhj,bjhi,bjho->bhio", by, x, g) for x, g in zip(inputs, grads)]  # noqa: E731
-        new_w = [w * at_end(co["keep"][..., -1], i) + s * at_end(co["from_momentum"][..., -1], i) - u
-                 for w, s, u in zip(weights, momentum, update(co["coef"][:, i, :, -1]))]
-        new_s = [s * at_end(co["eta_end"], i) - u for s, u in zip(momentum, update(co["to_momentum"][:, i]))]
+        new_w, new_s = _state_at(weights, momentum, inputs, grads, _chunk(co, i), c - 1)
         if lengths is None:
             weights, momentum = new_w, new_s
         else:
@@ -136,7 +156,16 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
              + torch.einsum("bnchi,bnhio->bncho", e, S0[layer]) * from_momentum)
         scores = torch.einsum("bnihd,bnjhd->bnhij", e, inputs[layer]) * co["coef"]
         e = y - torch.einsum("bnhij,bnjho->bniho", scores, grads[layer])
-    return e.flatten(1, 2)[:, :L], weights, momentum
+    reads = e.flatten(1, 2)[:, :L]
+    if not current:
+        return reads, weights, momentum
+    last = (torch.full((B,), L, device=k.device) if lengths is None else lengths) - 1
+    now = anchors[0]
+    for i in (last.clamp(min=0) // c).unique().tolist():  # the chunks that hold a row's last token
+        w, s = _state_at(*anchors[i], *saved[i], _chunk(co, i), last % c)
+        pick = ((last >= 0) & (last // c == i)).view(B, 1, 1, 1)
+        now = tuple([torch.where(pick, a, b) for a, b in zip(new, old)] for new, old in zip((w, s), now))
+    return reads, weights, momentum, now
 
 
 def l2norm_heads(x, weight, heads):
@@ -151,8 +180,10 @@ class NeuralMemory(nn.Module):
     projected back (paper §4.4).
 
     State (a dict of tensors, constant size): the three conv windows, `weights` and `momentum` (per
-    layer [B, H, i, o], float32), and the open chunk's stored tokens (`pending`: k, v, θ, log η,
-    log(1 − α) in b − 1 slots, `count` of them) whose update waits for the chunk to fill.
+    layer [B, H, i, o], float32) at the open chunk's start, the open chunk's stored tokens (`pending`:
+    k, v, θ, log η, log(1 − α) in b − 1 slots, `count` of them) whose update waits for the chunk to
+    fill, and `current`, `current_momentum`: the state after the last token, from which decoding
+    steps one token at a time (`step`) instead of redoing the open chunk.
     """
 
     def __init__(self, config):
@@ -193,8 +224,9 @@ class NeuralMemory(nn.Module):
         device = device or weights[0].device
         zeros = lambda *shape: torch.zeros(batch, *shape, dtype=dt, device=device)  # noqa: E731
         window = torch.zeros(batch, self.q_conv.kernel_size - 1, H * K, dtype=self.q_proj.weight.dtype, device=device)
+        momentum = tuple(torch.zeros_like(w) for w in weights)
         return {"conv_q": window, "conv_k": window, "conv_v": window,
-                "weights": weights, "momentum": tuple(torch.zeros_like(w) for w in weights),
+                "weights": weights, "momentum": momentum, "current": weights, "current_momentum": momentum,
                 "pending": (zeros(P, H, K), zeros(P, H, K), zeros(P, H), zeros(P, H), zeros(P, H)),
                 "count": torch.zeros(batch, dtype=torch.long, device=device)}
 
@@ -208,28 +240,27 @@ class NeuralMemory(nn.Module):
             log_eta = F.logsigmoid(self.momentum_proj(x).to(dt))
         return lr, log_eta, F.logsigmoid(-self.decay_proj(x).to(dt))
 
-    def _stream(self, name, proj, conv, x, keep, state, new_state):
+    def _stream(self, name, proj, conv, x, keep, state, new_state, lengths=None):
         u = proj(x)
         if keep is not None:  # pads enter no conv window
             u = u * keep[..., None].to(u.dtype)
-        u, new_state[name] = conv(u, None, None if state is None else state[name])
-        return u
+        before = None if state is None else state[name]
+        out, new_state[name] = conv(u, None, before)
+        if lengths is not None:  # right-padded rows: the window ends at each row's last token
+            new_state[name] = window_before(before, u, lengths, conv.kernel_size - 1)
+        return out
 
-    def retrieve(self, x, keep=None, state=None, want_state=False, lengths=None):
+    def retrieve(self, x, keep=None, state=None, want_state=False, lengths=None, current=True):
         """The raw reads M_t(q_t) [B, T, H, dk] and, if `want_state` or a state was given, the new state.
 
         x [B, T, D]; keep [B, T] bool (False = pad: neither stored nor read). `lengths` [B] instead
-        says the rows are right-padded and start a chunk (MAC's segments): nothing to realign."""
+        says the rows are right-padded and start a chunk (MAC's segments): nothing to realign.
+        current=False leaves the state after the last token out (no decoding follows)."""
         B, T, _ = x.shape
-        H = self.num_heads
         new_state = {}
-        q = self._stream("conv_q", self.q_proj, self.q_conv, x, keep, state, new_state)
-        k = self._stream("conv_k", self.k_proj, self.k_conv, x, keep, state, new_state)
-        v = self._stream("conv_v", self.v_proj, self.v_conv, x, keep, state, new_state)
-        dt = torch.promote_types(x.dtype, torch.float32)
-        q, k = l2norm_heads(q.to(dt), self.q_norm_weight, H), l2norm_heads(k.to(dt), self.k_norm_weight, H)
-        v = v.to(dt).unflatten(-1, (H, -1))
-        lr, log_eta, log_keep = self.gates(x)
+        if state is not None and T == 1 and lengths is None and (keep is None or bool(keep.all())):
+            return self.step(x, state)
+        k, v, q, lr, log_eta, log_keep = self._tokens(x, keep, state, new_state, lengths)
         memory = state if state is not None else self.initial_state(B, x.device)
         tokens = [k, v, lr, log_eta, log_keep, q]
         index = None
@@ -237,23 +268,65 @@ class NeuralMemory(nn.Module):
             cached = None if state is None else [*memory["pending"], torch.zeros_like(memory["pending"][0])]
             tokens, lengths, index = realign(tokens, keep, cached, None if state is None else memory["count"])
         k, v, lr, log_eta, log_keep, q = tokens
+        dt = k.dtype
         weights = [w.to(dt) for w in memory["weights"]]
         momentum = [s.to(dt) for s in memory["momentum"]]
-        reads, weights, momentum = memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, self.chunk_size,
-                                               self.activation, lengths)
+        stateful = state is not None or want_state
+        reads, weights, momentum, *now = memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep,
+                                                     self.chunk_size, self.activation, lengths,
+                                                     current=stateful and current)
         reads = unalign(reads, index, keep)
-        if state is None and not want_state:
+        if not stateful:
             return reads, None
         if lengths is None:
             lengths = torch.full((B,), k.shape[1], dtype=torch.long, device=x.device)
         pending, count = tail([k, v, lr, log_eta, log_keep], lengths, self.chunk_size, self.chunk_size - 1)
         new_state.update(weights=tuple(weights), momentum=tuple(momentum), pending=tuple(pending), count=count)
+        if now:
+            new_state.update(current=tuple(now[0][0]), current_momentum=tuple(now[0][1]))
         return reads, new_state
+
+    def _tokens(self, x, keep, state, new_state, lengths=None):
+        """k, v, q [B, T, H, d] (float32 or wider) and the gates θ, log η, log(1 − α) [B, T, H]."""
+        H = self.num_heads
+        q = self._stream("conv_q", self.q_proj, self.q_conv, x, keep, state, new_state, lengths)
+        k = self._stream("conv_k", self.k_proj, self.k_conv, x, keep, state, new_state, lengths)
+        v = self._stream("conv_v", self.v_proj, self.v_conv, x, keep, state, new_state, lengths)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        q, k = l2norm_heads(q.to(dt), self.q_norm_weight, H), l2norm_heads(k.to(dt), self.k_norm_weight, H)
+        return (k, v.to(dt).unflatten(-1, (H, -1)), q, *self.gates(x))
+
+    def step(self, x, state):
+        """One token for every row, x [B, 1, D]: the recurrence itself on the current state,
+        S = η S − θ u, M = (1 − α) M + S with u the token's gradient at the chunk-start weights; the
+        token also joins the open chunk, and when the chunk fills the anchor moves to M, S."""
+        new_state = {}
+        k, v, q, lr, log_eta, log_keep = (t[:, 0] for t in self._tokens(x, None, state, new_state))
+        dt, b = k.dtype, self.chunk_size
+        anchor = [w.to(dt) for w in state["weights"]]
+        inputs, grads = _key_pass(anchor, k[:, None], v[:, None], self.activation)
+        gate = lambda g: g[..., None, None]  # noqa: E731  [B, H] -> [B, H, 1, 1]
+        momentum = [gate(log_eta.exp()) * s.to(dt) - gate(lr) * torch.einsum("bhi,bho->bhio", a[:, 0], g[:, 0])
+                    for s, a, g in zip(state["current_momentum"], inputs, grads)]
+        weights = [gate(log_keep.exp()) * w.to(dt) + s for w, s in zip(state["current"], momentum)]
+        read = mlp_read(weights, q[:, None], self.activation)
+        count = state["count"]
+        closed = count + 1 == b  # the chunk is full: the next one starts from here
+        pending = tuple(write_slot(p, count, t) for p, t in zip(state["pending"], (k, v, lr, log_eta, log_keep)))
+        anchor, anchor_momentum = state["weights"], state["momentum"]
+        if closed.any():
+            pick = lambda new, old: tuple(torch.where(closed.view(-1, 1, 1, 1), n, o.to(n.dtype))  # noqa: E731
+                                          for n, o in zip(new, old))
+            anchor, anchor_momentum = pick(weights, anchor), pick(momentum, anchor_momentum)
+        new_state.update(weights=anchor, momentum=anchor_momentum, pending=pending,
+                         count=torch.where(closed, 0, count + 1), current=tuple(weights),
+                         current_momentum=tuple(momentum))
+        return read, new_state
 
     def output(self, reads, x):
         """Normalise each head's read, gate it with a linear map of x, project back to the model width."""
         return self.o_proj(self.out_norm(reads.flatten(-2).to(x.dtype), self.out_gate(x)))
 
-    def forward(self, x, keep=None, state=None, want_state=False, lengths=None):
-        reads, state = self.retrieve(x, keep, state, want_state, lengths)
+    def forward(self, x, keep=None, state=None, want_state=False, lengths=None, current=True):
+        reads, state = self.retrieve(x, keep, state, want_state, lengths, current)
         return self.output(reads, x), state

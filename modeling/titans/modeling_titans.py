@@ -13,8 +13,9 @@ Packed documents (position_ids restarting at 0) run one document per row inside 
 memory starts every document from its learned weights with zero momentum and no attention or conv
 window crosses a document start. The cache holds the memory weights and momentum, the open memory
 chunk (≤ b − 1 tokens), the conv windows, the attention window (MAG, MAL) and, for MAC, the open
-segment's inputs (≤ segment_len − 1 tokens) with everything as it was at the segment start: each MAC
-call recomputes the open segment, so decoding memory stays constant (and time per token O(segment)).
+segment's inputs (≤ segment_len − 1 tokens) with everything as it was at the segment start (a call
+of several tokens recomputes the open segment from there) and, for decoding one token at a time, the
+open segment's attention keys and values and the memory after the last token. Constant memory.
 
 No official Titans checkpoint exists, so there is no converter.
 """
@@ -30,7 +31,7 @@ from ..layers import RMSNorm, ShortConvolution, SwiGLU
 from .attention import SegmentAttention, WindowAttention
 from .configuration_titans import TitansConfig
 from .memory import NeuralMemory, l2norm_heads, mlp_read
-from .rows import realign, tail, unalign
+from .rows import realign, tail, unalign, window_before, write_slot
 
 
 def _substate(states, prefix):
@@ -107,7 +108,14 @@ class MemoryAsContext(nn.Module):
         self.attention = SegmentAttention(config)
         self.gate = MemoryGate(config)
 
+    def _query(self, u, weights, x):
+        """h = M(q(x)) through `weights`, from the conv output u [B, T, H·K]."""
+        q = l2norm_heads(u.to(weights[0].dtype), self.context_q_norm_weight, self.num_heads)
+        return self.memory.output(mlp_read(weights, q, self.activation), x)
+
     def forward(self, x, position_ids, keep=None, states=None):
+        if states is not None and "step_kv" in states and x.shape[1] == 1 and (keep is None or bool(keep.all())):
+            return self.step(x, states)
         B, C = x.shape[0], self.segment_len
         opened = None if states is None or "context" not in states else [states["context"]]
         xs, lengths, index = realign([x], keep, opened, None if opened is None else states["context_count"])
@@ -119,25 +127,54 @@ class MemoryAsContext(nn.Module):
         conv = None if states is None else states.get("context_conv")
         if conv is None:
             conv = x.new_zeros(B, self.context_q_conv.kernel_size - 1, self.context_q_proj.out_features)
-        outs = []
+        running, window, outs, kvs = memory, conv, [], []  # running, window: after each row's last token
         for start in range(0, xs.shape[1], C):
             seg = xs[:, start:start + C]
             valid = start + torch.arange(seg.shape[1], device=x.device) < lengths[:, None]
-            u, new_conv = self.context_q_conv(self.context_q_proj(seg) * valid[..., None].to(seg.dtype), None, conv)
-            q = l2norm_heads(u.to(memory["weights"][0].dtype), self.context_q_norm_weight, self.num_heads)
-            h = self.memory.output(mlp_read(memory["weights"], q, self.activation), seg)
-            y = self.attention(seg, h, valid)
-            m, new_memory = self.memory(y, valid, memory, want_state=True, lengths=(lengths - start).clamp(0, seg.shape[1]))
+            inputs = self.context_q_proj(seg) * valid[..., None].to(seg.dtype)
+            u, new_conv = self.context_q_conv(inputs, None, conv)
+            y, kv = self.attention(seg, self._query(u, memory["weights"], seg), valid)
+            in_segment = (lengths - start).clamp(0, seg.shape[1])
+            m, new_memory = self.memory(y, valid, memory, want_state=True, lengths=in_segment,
+                                        current=states is not None)
             outs.append(self.gate(y, m))
+            kvs.append(kv)
+            if states is not None:
+                here = lengths > start  # rows with tokens in this segment
+                running = _select(here, new_memory, running)
+                ends = window_before(conv, inputs, in_segment, conv.shape[1])
+                window = torch.where(here[:, None, None], ends, window)
             done = lengths >= start + C  # rows whose segment closed: their next one starts from here
             memory = _select(done, new_memory, memory)  # (its open chunk is empty: C is a multiple of b)
             conv = torch.where(done[:, None, None], new_conv, conv)
         out = unalign(torch.cat(outs, 1), index, keep)
         if states is not None:
-            (rest,), count = tail([xs], lengths, C, C - 1)
-            states.update(context=rest, context_count=count, context_conv=conv)
+            kv = [torch.cat(t, 2).transpose(1, 2) for t in zip(*kvs)]  # [B, L, H, K]
+            (rest, *step_kv), count = tail([xs, *kv], lengths, C, C - 1)
+            states.update(context=rest, context_count=count, context_conv=conv, step_conv=window,
+                          step_kv=tuple(t.transpose(1, 2).contiguous() for t in step_kv))  # [B, H, C − 1, K]
             _store(states, "memory.", memory)
+            _store(states, "running.", running)
         return out
+
+    def step(self, x, states):
+        """One token per row from the cache: h from the segment-start weights, attention against the
+        open segment's cached keys and values, the memory's own step; O(segment) memory, O(1) passes."""
+        C = self.segment_len
+        position = states["context_count"]  # the token's place in its segment
+        u, conv = self.context_q_conv(self.context_q_proj(x), None, states["step_conv"])
+        y, kv = self.attention.step(x, self._query(u, states["memory.weights"], x), position, states["step_kv"])
+        m, running = self.memory(y, None, _substate(states, "running."), want_state=True)
+        closed = position + 1 == C  # the segment is full: the next one starts from here
+        states.update(context=write_slot(states["context"], position, x[:, 0]), step_conv=conv,
+                      step_kv=tuple(write_slot(old, position, new[:, :, 0], dim=2)
+                                    for old, new in zip(states["step_kv"], kv)),
+                      context_count=torch.where(closed, 0, position + 1))
+        if closed.any():
+            states["context_conv"] = torch.where(closed[:, None, None], conv, states["context_conv"])
+            _store(states, "memory.", _select(closed, running, _substate(states, "memory.")))
+        _store(states, "running.", running)
+        return self.gate(y, m)
 
 
 _MIXERS = {"lmm": MemoryLayer, "mal": MemoryLayer, "mag": MemoryAsGate, "mac": MemoryAsContext}

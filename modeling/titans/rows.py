@@ -60,3 +60,27 @@ def tail(aligned: list, lengths, block: int, size: int):
         spread = index.view(B, size, *[1] * (t.dim() - 2)).expand(B, size, *t.shape[2:])
         out.append(torch.where(opened.view(B, size, *[1] * (t.dim() - 2)), t.gather(1, spread), 0))
     return out, lengths - done
+
+
+def window_before(history, x, ends, size: int):
+    """The `size` slots before each row's position `ends` [B] in x [B, T, ...], with the `size`
+    slots before x in `history` (zeros when None): a convolution's window at a row's last token."""
+    B = x.shape[0]
+    if history is None:
+        history = x.new_zeros(B, size, *x.shape[2:])
+    full = torch.cat([history.to(x.dtype), x], 1)
+    index = (ends[:, None] + torch.arange(size, device=x.device)).view(B, size, *[1] * (x.dim() - 2))
+    return full.gather(1, index.expand(B, size, *x.shape[2:]))
+
+
+def write_slot(cache, index, value, dim: int = 1):
+    """cache[b, ..., index[b], ...] = value[b] (the slot on `dim`) for every row b: in place while
+    decoding (no copy of the cache per token), into a new tensor when autograd records either side."""
+    view = cache.movedim(dim, 1)
+    if view.shape[1] == 0:
+        return cache
+    at = (torch.arange(view.shape[0], device=cache.device), index.clamp(max=view.shape[1] - 1))
+    if torch.is_grad_enabled() and (cache.requires_grad or value.requires_grad):
+        return view.index_put(at, value.to(cache.dtype)).movedim(1, dim)
+    view.index_put_(at, value.to(cache.dtype))
+    return cache
