@@ -60,7 +60,7 @@ def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, s
 
 
 def main(argv=None) -> int:
-    from .bench_train import builders, memory_limit, out_of_memory
+    from .bench_train import builders, memory_limit, skipped_when_out_of_memory
     from .harness import EvalError
     from .load import load
 
@@ -97,12 +97,8 @@ def main(argv=None) -> int:
         with tqdm(runs, desc=name.split("/")[-1], unit="run") as bar, memory_limit(model.device):
             for batch, prompt in bar:
                 row = {"model": name, "type": model.config.model_type, "prompt": prompt, "batch": batch}
-                try:
+                with skipped_when_out_of_memory(row):
                     row.update(decode_speed(model, prompt, args.new_tokens, batch))
-                except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-                    if not out_of_memory(error):
-                        raise
-                    row["skipped"] = "out of memory"
                 rows.append(row)
                 bar.write(format_row(row), file=sys.stderr)  # stdout: the table or JSON
         del model

@@ -24,6 +24,7 @@ memory kept in the process, as `recur train` runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -136,6 +137,17 @@ def out_of_memory(error: BaseException) -> bool:
     """CUDA's and Python's out-of-memory errors, and the CPU allocator's (a RuntimeError)."""
     return not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError) \
         or "can't allocate memory" in str(error) or "not enough memory" in str(error)
+
+
+@contextlib.contextmanager
+def skipped_when_out_of_memory(row: dict):
+    """An out-of-memory error inside the block marks the row skipped instead of ending the benchmark."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        if not out_of_memory(error):
+            raise
+        row["skipped"] = "out of memory"
 
 
 def train_step(model, optimizer, ids, full_logits: bool = False):
@@ -258,14 +270,10 @@ def main(argv=None) -> int:
                 else:
                     torch.manual_seed(0)
                     model = table[name]().to(device).train()
-                    try:
+                    with skipped_when_out_of_memory(row):
                         row.update(measure(model, batch, seq_len, args.steps, args.max_step_seconds, device, full))
                         flops = model_flops_per_token(model, seq_len)
                         row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
-                    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
-                        if not out_of_memory(error):
-                            raise
-                        row["skipped"] = "out of memory"
                     del model
                     gc.collect()
                 skipped = row.get("skipped") or row.get("first_step_only")

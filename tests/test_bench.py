@@ -89,3 +89,9 @@ def test_a_model_too_large_for_the_machine_fails_with_out_of_memory_not_a_kill()
             torch.ones(total // 4, dtype=torch.float32)
     assert bench_train.out_of_memory(error.value) and not bench_train.out_of_memory(RuntimeError("shape mismatch"))
     torch.ones(1 << 20)  # the limit is lifted afterwards
+    row = {}
+    with bench_train.memory_limit(torch.device("cpu")), bench_train.skipped_when_out_of_memory(row):
+        torch.ones(total // 4, dtype=torch.float32)
+    assert row == {"skipped": "out of memory"}
+    with pytest.raises(RuntimeError, match="shape mismatch"), bench_train.skipped_when_out_of_memory(row):
+        raise RuntimeError("shape mismatch")

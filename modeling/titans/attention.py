@@ -123,11 +123,14 @@ class SegmentAttention(nn.Module):
         k, v = k.transpose(1, 2), heads(self.v_proj(tokens)).transpose(1, 2)
         return q, (k[:, :, :c], k[:, :, c:], v[:, :, :c], v[:, :, c:])
 
+    def _heads(self, t):
+        """[..., P, D] -> [..., H, P, K]"""
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(-2, -3)
+
     def _read(self, q, parts):
         """q [B, c, H, K] over the persistent keys and each (keys, values [B, H, s, K], seen [B, c, s])
-        of `parts`: one softmax over all of them, without concatenating the keys."""
-        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(0, 1)  # noqa: E731  [H, P, K]
-        pk, pv = heads(self.k_proj(self.persistent)).to(q.dtype), heads(self.v_proj(self.persistent)).to(q.dtype)
+        of `parts`: one softmax over all of them, without concatenating the keys (decoding)."""
+        pk, pv = (self._heads(p(self.persistent)).to(q.dtype) for p in (self.k_proj, self.v_proj))
         q = q.transpose(1, 2) * q.shape[-1] ** -0.5  # [B, H, c, K]
         scores = [q @ pk.transpose(-1, -2)]
         for keys, _, seen in parts:
@@ -146,7 +149,11 @@ class SegmentAttention(nn.Module):
         q, kv = self._project(x, h, torch.arange(c, device=x.device).expand(B, c))
         i, j = torch.arange(c, device=x.device)[:, None], torch.arange(c, device=x.device)[None]
         seen = ((j <= i) & valid[:, None, :]) | (j == i)  # [B, c, c]
-        return self._read(q, [(kv[0], kv[2], seen), (kv[1], kv[3], seen)]), kv
+        pk, pv = (self._heads(p(self.persistent)).to(q.dtype).expand(B, -1, -1, -1) for p in (self.k_proj, self.v_proj))
+        keys, values = torch.cat([pk, kv[0], kv[1]], 2), torch.cat([pv, kv[2], kv[3]], 2)
+        mask = torch.cat([seen.new_ones(B, c, pk.shape[2]), seen, seen], -1)[:, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)  # keeps no scores
+        return self.o_proj(out.transpose(1, 2).flatten(-2)), kv
 
     def step(self, x, h, position, cached):
         """One token per row: x, h [B, 1, D] at in-segment `position` [B], after the segment's earlier
