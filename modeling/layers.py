@@ -104,7 +104,7 @@ class ShortConvolution(nn.Module):
         full = _with_history(x, state, K - 1)
         weight = self.conv.weight[:, 0, :].to(x.dtype)  # [D, K]; weight[:, K-1] multiplies the current token
         if T == 1 and position_ids is None:  # decoding: one weighted sum over the window
-            y = torch.einsum("bkd,dk->bd", full, weight)[:, None]
+            y = (full * weight.t()).sum(1, keepdim=True)
         else:
             y = x * weight[:, K - 1]
             for back in range(1, K):

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .rows import write_slot
+
 
 def rotary(x, position_ids, theta, angles=None):
     """RoPE (rotate-half) on x [B, T, H, K] at positions [B, T] (or at `angles`, rotary_angles' output)."""
@@ -123,24 +125,10 @@ class SegmentAttention(nn.Module):
         k, v = k.transpose(1, 2), heads(self.v_proj(tokens)).transpose(1, 2)
         return q, (k[:, :, :c], k[:, :, c:], v[:, :, :c], v[:, :, c:])
 
-    def _heads(self, t):
-        """[..., P, D] -> [..., H, P, K]"""
-        return t.unflatten(-1, (self.num_heads, -1)).transpose(-2, -3)
-
-    def _read(self, q, parts):
-        """q [B, c, H, K] over the persistent keys and each (keys, values [B, H, s, K], seen [B, c, s])
-        of `parts`: one softmax over all of them, without concatenating the keys (decoding)."""
-        pk, pv = (self._heads(p(self.persistent)).to(q.dtype) for p in (self.k_proj, self.v_proj))
-        q = q.transpose(1, 2) * q.shape[-1] ** -0.5  # [B, H, c, K]
-        scores = [q @ pk.transpose(-1, -2)]
-        for keys, _, seen in parts:
-            scores.append((q @ keys.to(q.dtype).transpose(-1, -2)).masked_fill(~seen[:, None], float("-inf")))
-        dt = torch.promote_types(q.dtype, torch.float32)
-        probs = torch.cat(scores, -1).to(dt).softmax(-1).to(q.dtype).split([t.shape[-1] for t in scores], -1)
-        out = probs[0] @ pv
-        for p, (_, values, _) in zip(probs[1:], parts):
-            out = out + p @ values.to(q.dtype)
-        return self.o_proj(out.transpose(1, 2).flatten(-2))
+    def persistent_kv(self, batch: int, dtype):
+        """The persistent tokens' keys and values [batch, H, N_p, K]."""
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(0, 1)  # noqa: E731  [H, N_p, K]
+        return tuple(heads(p(self.persistent)).to(dtype).expand(batch, -1, -1, -1) for p in (self.k_proj, self.v_proj))
 
     def forward(self, x, h, valid):
         """x, h [B, c, D] (the segment and its reads, from the segment start); valid [B, c] bool.
@@ -149,18 +137,25 @@ class SegmentAttention(nn.Module):
         q, kv = self._project(x, h, torch.arange(c, device=x.device).expand(B, c))
         i, j = torch.arange(c, device=x.device)[:, None], torch.arange(c, device=x.device)[None]
         seen = ((j <= i) & valid[:, None, :]) | (j == i)  # [B, c, c]
-        pk, pv = (self._heads(p(self.persistent)).to(q.dtype).expand(B, -1, -1, -1) for p in (self.k_proj, self.v_proj))
+        pk, pv = self.persistent_kv(B, q.dtype)
         keys, values = torch.cat([pk, kv[0], kv[1]], 2), torch.cat([pv, kv[2], kv[3]], 2)
         mask = torch.cat([seen.new_ones(B, c, pk.shape[2]), seen, seen], -1)[:, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)  # keeps no scores
         return self.o_proj(out.transpose(1, 2).flatten(-2)), kv
 
-    def step(self, x, h, position, cached):
-        """One token per row: x, h [B, 1, D] at in-segment `position` [B], after the segment's earlier
-        keys and values `cached` (k_h, k_x, v_h, v_x) [B, H, S, K], the first `position` of each valid."""
-        q, kv = self._project(x, h, position[:, None])
-        earlier = (torch.arange(cached[0].shape[2], device=x.device) < position[:, None])[:, None]  # [B, 1, S]
-        itself = earlier.new_ones(x.shape[0], 1, 1)
-        parts = [(cached[0], cached[2], earlier), (cached[1], cached[3], earlier), (kv[0], kv[2], itself),
-                 (kv[1], kv[3], itself)]
-        return self._read(q, parts), kv
+    def step(self, x, h, position, cache):
+        """One token per row: x, h [B, 1, D] at in-segment `position` [B]. cache = (keys, values)
+        [B, H, N_p + 2C, K]: the persistent tokens', then slot N_p + j holds h_j's and N_p + C + j x_j's,
+        the first `position` of each filled; the token's own go in at `position` (in place) and it
+        attends to every filled slot."""
+        q, (k_h, k_x, v_h, v_x) = self._project(x, h, position[:, None])
+        keys, values = cache
+        P = self.persistent.shape[0]
+        C = (keys.shape[2] - P) // 2
+        slots = torch.stack([P + position, P + C + position], 1)  # [B, 2]
+        keys = write_slot(keys, slots, torch.cat([k_h, k_x], 2).transpose(1, 2), dim=2)
+        values = write_slot(values, slots, torch.cat([v_h, v_x], 2).transpose(1, 2), dim=2)
+        j = torch.arange(keys.shape[2], device=x.device)
+        seen = (j < P) | ((j - P) % C <= position[:, None])  # [B, N_p + 2C]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=seen[:, None, None])
+        return self.o_proj(out.transpose(1, 2).flatten(-2)), (keys, values)

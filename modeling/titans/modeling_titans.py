@@ -149,10 +149,12 @@ class MemoryAsContext(nn.Module):
             conv = torch.where(done[:, None, None], new_conv, conv)
         out = unalign(torch.cat(outs, 1), index, keep)
         if states is not None:
-            kv = [torch.cat(t, 2).transpose(1, 2) for t in zip(*kvs)]  # [B, L, H, K]
-            (rest, *step_kv), count = tail([xs, *kv], lengths, C, C - 1)
-            states.update(context=rest, context_count=count, context_conv=conv, step_conv=window,
-                          step_kv=tuple(t.transpose(1, 2).contiguous() for t in step_kv))  # [B, H, C − 1, K]
+            (rest,), count = tail([xs], lengths, C, C - 1)
+            segment_kv, _ = tail([torch.cat(t, 2).transpose(1, 2) for t in zip(*kvs)], lengths, C, C)  # [B, C, H, K]
+            k_h, k_x, v_h, v_x = (t.transpose(1, 2) for t in segment_kv)
+            pk, pv = self.attention.persistent_kv(B, k_h.dtype)
+            step_kv = (torch.cat([pk, k_h, k_x], 2), torch.cat([pv, v_h, v_x], 2))  # [B, H, N_p + 2C, K]
+            states.update(context=rest, context_count=count, context_conv=conv, step_conv=window, step_kv=step_kv)
             _store(states, "memory.", memory)
             _store(states, "running.", running)
         return out
@@ -163,12 +165,10 @@ class MemoryAsContext(nn.Module):
         C = self.segment_len
         position = states["context_count"]  # the token's place in its segment
         u, conv = self.context_q_conv(self.context_q_proj(x), None, states["step_conv"])
-        y, kv = self.attention.step(x, self._query(u, states["memory.weights"], x), position, states["step_kv"])
+        y, step_kv = self.attention.step(x, self._query(u, states["memory.weights"], x), position, states["step_kv"])
         m, running = self.memory(y, None, _substate(states, "running."), want_state=True)
         closed = position + 1 == C  # the segment is full: the next one starts from here
-        states.update(context=write_slot(states["context"], position, x[:, 0]), step_conv=conv,
-                      step_kv=tuple(write_slot(old, position, new[:, :, 0], dim=2)
-                                    for old, new in zip(states["step_kv"], kv)),
+        states.update(context=write_slot(states["context"], position, x[:, 0]), step_conv=conv, step_kv=step_kv,
                       context_count=torch.where(closed, 0, position + 1))
         if closed.any():
             states["context_conv"] = torch.where(closed[:, None, None], conv, states["context_conv"])

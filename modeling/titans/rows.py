@@ -74,12 +74,14 @@ def window_before(history, x, ends, size: int):
 
 
 def write_slot(cache, index, value, dim: int = 1):
-    """cache[b, ..., index[b], ...] = value[b] (the slot on `dim`) for every row b: in place while
-    decoding (no copy of the cache per token), into a new tensor when autograd records either side."""
+    """cache[b, ..., index[b], ...] = value[b] (the slot on `dim`) for every row b (index [B], or
+    [B, n] with value [B, n, ...]): in place while decoding (no copy of the cache per token), into a
+    new tensor when autograd records either side."""
     view = cache.movedim(dim, 1)
     if view.shape[1] == 0:
         return cache
-    at = (torch.arange(view.shape[0], device=cache.device), index.clamp(max=view.shape[1] - 1))
+    rows = torch.arange(view.shape[0], device=cache.device).view(-1, *[1] * (index.dim() - 1)).expand_as(index)
+    at = (rows, index.clamp(max=view.shape[1] - 1))
     if torch.is_grad_enabled() and (cache.requires_grad or value.requires_grad):
         return view.index_put(at, value.to(cache.dtype)).movedim(1, dim)
     view.index_put_(at, value.to(cache.dtype))
