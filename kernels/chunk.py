@@ -38,6 +38,11 @@ def _chunk_size(T: int, chunk_size: int) -> int:
     return min(chunk_size, max(T, 1))
 
 
+def _carry_block(n: int) -> int:
+    """The scan's block over n chunk states: 16, or n itself when fewer (no padding to a full block)."""
+    return max(2, min(16, n))
+
+
 def _carry_states(log_decay: torch.Tensor, increments: torch.Tensor, state: torch.Tensor):
     """State entering each chunk: S_c = exp(log_decay_{c-1}) ⊙ S_{c-1} + increment_{c-1}.
 
@@ -48,7 +53,7 @@ def _carry_states(log_decay: torch.Tensor, increments: torch.Tensor, state: torc
     B, H, n, K, V = increments.shape
     lanes = lambda x: x.reshape(B * H, -1, K * V)
     after = _DiagonalRecurrence.apply(lanes(increments), lanes(log_decay.expand(B, H, n, K, V)),
-                                      state.reshape(B * H, K * V), 16)  # the state after each chunk
+                                      state.reshape(B * H, K * V), _carry_block(n))  # the state after each chunk
     entering = torch.cat([state.reshape(B * H, 1, K * V), after[:, :-1]], 1)
     return entering.view(B, H, n, K, V), after[:, -1].view(B, H, K, V)
 
