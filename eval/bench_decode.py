@@ -6,8 +6,8 @@ MODEL is anything `recur eval` loads (a run dir, a checkpoint, a model folder, a
 name of `recur bench train`'s lineup (`llama`, `recur_gla`, ...: random weights, `--width`,
 `--layers` and `--vocab` as there), so `recur bench decode llama recur_gla recur_mamba2` compares
 each family with the same-width Llama and its KV cache. For each batch size and prompt length: the
-prompt (random token ids) goes through the model's cache 2048 tokens at a time, then `--new-tokens`
-greedy tokens are decoded one at a time; the table gives decode tokens/s, the cache's size after
+prompt (random token ids) goes through the model's cache 2048 tokens at a time, then 4 untimed and
+`--new-tokens` timed greedy tokens are decoded one at a time; the table gives decode tokens/s, the cache's size after
 the prompt and after decoding, and the ratio of each model's tokens/s to the first model's.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from recur.modeling.base import CACHE_FIELD
 
 CHUNK = 2048
+WARMUP = 4  # decoded tokens before the clock starts
 
 
 def cache_bytes(cache) -> int:
@@ -50,8 +51,9 @@ def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, s
     prefill = time.perf_counter() - start
     size = cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
+    for step in range(WARMUP + new_tokens):  # the first steps, untimed, pay one-time costs (allocations, dispatch)
+        if step == WARMUP:
+            start = time.perf_counter()
         out = model(token, use_cache=True, **{CACHE_FIELD: cache})
         cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
     seconds = time.perf_counter() - start
