@@ -26,9 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _wide(x)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (self.offset + _wide(self.weight))).to(x.dtype)
+        weight = _wide(self.weight) + self.offset if self.offset else _wide(self.weight)
+        return F.rms_norm(_wide(x), (x.shape[-1],), weight, self.eps).to(x.dtype)  # one fused op
 
 
 class GatedRMSNorm(nn.Module):
@@ -50,8 +49,7 @@ class GatedRMSNorm(nn.Module):
         y, gate = _wide(x), F.silu(_wide(z))
         if not self.norm_before_gate:
             y = y * gate
-        groups = y.unflatten(-1, (-1, self.group_size))
-        y = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        y = F.rms_norm(y.unflatten(-1, (-1, self.group_size)), (self.group_size,), eps=self.eps).flatten(-2)
         y = y * _wide(self.weight)
         if self.norm_before_gate:
             y = y * gate

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .rows import write_slot
+from .rows import write_slots
 
 
 def rotary(x, position_ids, theta, angles=None):
@@ -153,8 +153,8 @@ class SegmentAttention(nn.Module):
         P = self.persistent.shape[0]
         C = (keys.shape[2] - P) // 2
         slots = torch.stack([P + position, P + C + position], 1)  # [B, 2]
-        keys = write_slot(keys, slots, torch.cat([k_h, k_x], 2).transpose(1, 2), dim=2)
-        values = write_slot(values, slots, torch.cat([v_h, v_x], 2).transpose(1, 2), dim=2)
+        keys, values = write_slots((keys, values), slots, (torch.cat([k_h, k_x], 2).transpose(1, 2),
+                                                           torch.cat([v_h, v_x], 2).transpose(1, 2)), dim=2)
         j = torch.arange(keys.shape[2], device=x.device)
         seen = (j < P) | ((j - P) % C <= position[:, None])  # [B, N_p + 2C]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=seen[:, None, None])

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers import GatedRMSNorm, ShortConvolution
-from .rows import realign, tail, unalign, window_before, write_slot
+from .rows import realign, tail, unalign, window_before, write_slots
 
 
 def _gelu(z):
@@ -312,7 +312,7 @@ class NeuralMemory(nn.Module):
         read = mlp_read(weights, q[:, None], self.activation)
         count = state["count"]
         closed = count + 1 == b  # the chunk is full: the next one starts from here
-        pending = tuple(write_slot(p, count, t) for p, t in zip(state["pending"], (k, v, lr, log_eta, log_keep)))
+        pending = write_slots(state["pending"], count, (k, v, lr, log_eta, log_keep))
         anchor, anchor_momentum = state["weights"], state["momentum"]
         if closed.any():
             pick = lambda new, old: tuple(torch.where(closed.view(-1, 1, 1, 1), n, o.to(n.dtype))  # noqa: E731

@@ -31,7 +31,7 @@ from ..layers import RMSNorm, ShortConvolution, SwiGLU
 from .attention import SegmentAttention, WindowAttention
 from .configuration_titans import TitansConfig
 from .memory import NeuralMemory, l2norm_heads, mlp_read
-from .rows import realign, tail, unalign, window_before, write_slot
+from .rows import realign, tail, unalign, window_before, write_slots
 
 
 def _substate(states, prefix):
@@ -168,7 +168,7 @@ class MemoryAsContext(nn.Module):
         y, step_kv = self.attention.step(x, self._query(u, states["memory.weights"], x), position, states["step_kv"])
         m, running = self.memory(y, None, _substate(states, "running."), want_state=True)
         closed = position + 1 == C  # the segment is full: the next one starts from here
-        states.update(context=write_slot(states["context"], position, x[:, 0]), step_conv=conv, step_kv=step_kv,
+        states.update(context=write_slots([states["context"]], position, [x[:, 0]])[0], step_conv=conv, step_kv=step_kv,
                       context_count=torch.where(closed, 0, position + 1))
         if closed.any():
             states["context_conv"] = torch.where(closed[:, None, None], conv, states["context_conv"])

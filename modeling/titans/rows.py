@@ -73,16 +73,22 @@ def window_before(history, x, ends, size: int):
     return full.gather(1, index.expand(B, size, *x.shape[2:]))
 
 
-def write_slot(cache, index, value, dim: int = 1):
-    """cache[b, ..., index[b], ...] = value[b] (the slot on `dim`) for every row b (index [B], or
-    [B, n] with value [B, n, ...]): in place while decoding (no copy of the cache per token), into a
-    new tensor when autograd records either side."""
-    view = cache.movedim(dim, 1)
-    if view.shape[1] == 0:
-        return cache
-    rows = torch.arange(view.shape[0], device=cache.device).view(-1, *[1] * (index.dim() - 1)).expand_as(index)
-    at = (rows, index.clamp(max=view.shape[1] - 1))
-    if torch.is_grad_enabled() and (cache.requires_grad or value.requires_grad):
-        return view.index_put(at, value.to(cache.dtype)).movedim(1, dim)
-    view.index_put_(at, value.to(cache.dtype))
-    return cache
+def write_slots(caches, index, values, dim: int = 1) -> tuple:
+    """cache[b, ..., index[b], ...] = value[b] (the slot on `dim`) for every row b and every (cache,
+    value) pair, the caches having the same slots (index [B], or [B, n] with values [B, n, ...]): in
+    place while decoding (no copy of the cache per token), into new tensors when autograd records."""
+    size = caches[0].shape[dim]
+    if size == 0:
+        return tuple(caches)
+    rows = torch.arange(index.shape[0], device=index.device).view(-1, *[1] * (index.dim() - 1)).expand_as(index)
+    at = (rows, index.clamp(max=size - 1))
+    recording = torch.is_grad_enabled()
+    out = []
+    for cache, value in zip(caches, values):
+        view, value = cache.movedim(dim, 1), value.to(cache.dtype)
+        if recording and (cache.requires_grad or value.requires_grad):
+            out.append(view.index_put(at, value).movedim(1, dim))
+        else:
+            view.index_put_(at, value)
+            out.append(cache)
+    return tuple(out)
