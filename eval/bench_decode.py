@@ -7,8 +7,9 @@ name of `recur bench train`'s lineup (`llama`, `recur_gla`, ...: random weights,
 `--layers` and `--vocab` as there), so `recur bench decode llama recur_gla recur_mamba2` compares
 each family with the same-width Llama and its KV cache. For each batch size and prompt length: the
 prompt (random token ids) goes through the model's cache 2048 tokens at a time, then 4 untimed and
-`--new-tokens` timed greedy tokens are decoded one at a time; the table gives decode tokens/s, the cache's size after
-the prompt and after decoding, and the ratio of each model's tokens/s to the first model's.
+`--new-tokens` timed greedy tokens are decoded one at a time; the table gives decode tokens/s, the
+cache's size after the prompt and after decoding, and the ratio of each model's tokens/s to the
+first model's.
 """
 from __future__ import annotations
 

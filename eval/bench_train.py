@@ -18,8 +18,9 @@ timed on that one step and skipped at longer sequences, and so is one whose step
 its last shape, would take longer; on CPU the process's address space is capped just under the
 machine's memory, so a model that does not fit is reported out of memory instead of killing the run.
 `--full-logits-too` also times each recur model with its loss taken from the whole [B, T, vocab]
-float32 logits, as most training code does, and shows the peak memory of recur's chunked cross entropy as a ratio of that. The timed steps run with freed
-memory kept in the process, as `recur train` runs.
+float32 logits, as most training code does, and shows the peak memory of recur's chunked cross
+entropy as a ratio of that. The timed steps run with freed memory kept in the process, as
+`recur train` runs.
 """
 from __future__ import annotations
 

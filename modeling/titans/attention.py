@@ -16,16 +16,20 @@ import torch.nn.functional as F
 from .rows import write_slots
 
 
-def rotary(x, position_ids, theta, angles=None):
-    """RoPE (rotate-half) on x [B, T, H, K] at positions [B, T] (or at `angles`, rotary_angles' output)."""
-    K = x.shape[-1]
-    cos, sin = angles if angles is not None else rotary_angles(position_ids, K, theta)
+def rotary(x, position_ids, theta):
+    """RoPE (rotate-half) on x [B, T, H, K] at positions [B, T]."""
+    return rotate(x, rotary_angles(position_ids, x.shape[-1], theta))
+
+
+def rotate(x, angles):
+    """x [B, T, H, K] rotated by `angles` = (cos, sin) from rotary_angles (shared by tensors at the same positions)."""
+    K, (cos, sin) = x.shape[-1], angles
     half = torch.cat([-x[..., K // 2:], x[..., :K // 2]], -1)
     return x * cos.to(x.dtype) + half * sin.to(x.dtype)
 
 
 def rotary_angles(position_ids, dim, theta):
-    """cos and sin [B, T, 1, dim] of RoPE at positions [B, T], for several tensors at the same positions."""
+    """cos and sin [B, T, 1, dim] of RoPE at positions [B, T]."""
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=position_ids.device, dtype=torch.float32) / dim)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], -1)[:, :, None]
@@ -119,9 +123,9 @@ class SegmentAttention(nn.Module):
         c = x.shape[1]
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731
         angles = rotary_angles(positions, self.q_proj.out_features // self.num_heads, self.rope_theta)
-        q = rotary(heads(self.q_proj(x)), None, None, angles)
+        q = rotate(heads(self.q_proj(x)), angles)
         tokens = torch.cat([h, x], 1)
-        k = rotary(heads(self.k_proj(tokens)), None, None, tuple(t.repeat(1, 2, 1, 1) for t in angles))
+        k = rotate(heads(self.k_proj(tokens)), tuple(t.repeat(1, 2, 1, 1) for t in angles))
         k, v = k.transpose(1, 2), heads(self.v_proj(tokens)).transpose(1, 2)
         return q, (k[:, :, :c], k[:, :, c:], v[:, :, :c], v[:, :, c:])
 
