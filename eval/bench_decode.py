@@ -1,6 +1,6 @@
 """Decoding speed and cache memory after long prompts, models side by side in one process.
 
-    recur bench decode MODEL [MODEL ...] [--prompts 1024,4096,16384] [--new-tokens 128] [--batch 1,8]
+    recur bench decode MODEL [MODEL ...] [--prompts 1024,4096,16384] [--new-tokens 128] [--batch 1,8] [--compile-step]
 
 MODEL is anything `recur eval` loads (a run dir, a checkpoint, a model folder, a .gguf file), or a
 name of `recur bench train`'s lineup (`llama`, `recur_gla`, ...: random weights, `--width`,
@@ -9,7 +9,9 @@ each family with the same-width Llama and its KV cache. For each batch size and 
 prompt (random token ids) goes through the model's cache 2048 tokens at a time, then 4 untimed and
 `--new-tokens` timed greedy tokens are decoded one at a time; the table gives decode tokens/s, the
 cache's size after the prompt and after decoding, and the ratio of each model's tokens/s to the
-first model's.
+first model's. `--compile-step` turns on the models' compiled one-token step where their config has
+one (`compile_decode_step`: Titans); its compiling falls in the untimed tokens, whose time the table
+shows as the warm-up.
 """
 from __future__ import annotations
 
@@ -52,14 +54,16 @@ def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, s
     prefill = time.perf_counter() - start
     size = cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)
-    for step in range(WARMUP + new_tokens):  # the first steps, untimed, pay one-time costs (allocations, dispatch)
+    start = time.perf_counter()
+    for step in range(WARMUP + new_tokens):  # the first steps, untimed, pay one-time costs (allocations, compiling)
         if step == WARMUP:
-            start = time.perf_counter()
+            warmup, start = time.perf_counter() - start, time.perf_counter()
         out = model(token, use_cache=True, **{CACHE_FIELD: cache})
         cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
     seconds = time.perf_counter() - start
     return {"prompt": prompt_len, "batch": batch, "tokens_per_s": batch * new_tokens / seconds,
-            "cache_mb": size / 2**20, "cache_mb_after": cache_bytes(cache) / 2**20, "prefill_s": prefill}
+            "cache_mb": size / 2**20, "cache_mb_after": cache_bytes(cache) / 2**20, "prefill_s": prefill,
+            "warmup_s": warmup}
 
 
 def main(argv=None) -> int:
@@ -76,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4, help="lineup models: layers")
     parser.add_argument("--vocab", type=int, default=4096, help="lineup models: vocabulary")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="torch.compile the one-token step of models whose config offers it (compile_decode_step)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -96,6 +102,8 @@ def main(argv=None) -> int:
         else:
             model, _, source = load(spec)
             name = str(source.path)
+        if args.compile_step and hasattr(model.config, "compile_decode_step"):
+            model.config.compile_decode_step, name = True, f"{name} (compiled step)"
         runs = [(b, p) for b in batches for p in prompts]
         with tqdm(runs, desc=name.split("/")[-1], unit="run") as bar, memory_limit(model.device):
             for batch, prompt in bar:
@@ -116,8 +124,9 @@ def main(argv=None) -> int:
         return 0
     print(f"decoding {args.new_tokens} tokens after a prompt, {torch.get_num_threads()} threads (ratio: tokens/s "
           f"against {rows[0]['model']})\n")
-    print("| model | type | batch | prompt | decode tokens/s | ratio | cache after the prompt | after decoding | prefill |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | type | batch | prompt | decode tokens/s | ratio | cache after the prompt | after decoding | prefill "
+          "| warm-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(format_row(r))
     return 0
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
 def format_row(r: dict) -> str:
     start = f"| {r['model']} | {r['type']} | {r['batch']} | {r['prompt']:,} |"
     if "skipped" in r:
-        return f"{start} {r['skipped']} | | | | |"
+        return f"{start} {r['skipped']} | | | | | |"
     ratio = "" if r.get("vs_first") is None else f"{r['vs_first']:.2f}x"
     return (f"{start} {r['tokens_per_s']:.1f} | {ratio} | {r['cache_mb']:.2f} MB | {r['cache_mb_after']:.2f} MB | "
-            f"{r['prefill_s']:.1f} s |")
+            f"{r['prefill_s']:.1f} s | {r['warmup_s']:.1f} s |")

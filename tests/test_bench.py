@@ -70,6 +70,15 @@ def test_bench_decode_runs_lineup_models_at_several_batch_sizes(capsys):
     assert len({r["cache_mb"] for r in gla if r["batch"] == 1}) == 1  # constant in the prompt length
     llama = [r for r in rows if r["model"] == "llama" and r["batch"] == 1]
     assert llama[1]["cache_mb"] > llama[0]["cache_mb"]
+    assert all(r["warmup_s"] >= 0 for r in rows)
+
+
+def test_bench_decode_compiles_only_the_models_that_offer_a_compiled_step(capsys):
+    from recur.eval import bench_decode
+
+    assert bench_decode.main(["llama", "recur_gla", "--prompts", "8", "--new-tokens", "1", "--compile-step",
+                              "--width", "64", "--layers", "1", "--vocab", "64", "--json"]) == 0
+    assert [r["model"] for r in json.loads(capsys.readouterr().out)] == ["llama", "recur_gla"]
 
 
 def test_a_model_whose_step_would_pass_the_limit_at_a_longer_length_is_skipped(capsys):

@@ -276,3 +276,37 @@ def test_decoding_steps_and_chunks_in_any_mix_equal_the_full_run(variant, monkey
     torch.testing.assert_close(pieces[0, 3:], full[0, 3:], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(full[0, 3:], alone[0], atol=1e-10, rtol=1e-10)
     assert len(steps) == 9 * 2 * (2 if variant == "mac" else 1)  # 9 one-token calls, 2 layers
+
+
+def test_the_compiled_decoding_step_is_the_eager_one(monkeypatch):
+    """compile_decode_step runs each layer's one-token step through torch.compile and settles closed
+    chunks and segments outside it: the logits of steps and chunks in any mix, on a left-padded batch
+    crossing chunk and segment boundaries, are the eager ones (float64; RoPE's angles are float32, as
+    in transformers, and the compiled code rounds them differently: 5e-10 here, 1e-15 with float64
+    angles), and the compiled path is taken. MAC only: compiling costs 10-40 s per variant."""
+    variant = "mac"
+    from recur.modeling.titans import TitansForCausalLM, modeling_titans
+
+    calls = []
+    compiled = modeling_titans._compiled_run
+    monkeypatch.setattr(modeling_titans, "_compiled_run", lambda: calls.append(1) or compiled())
+    torch.manual_seed(0)
+    config = TitansConfig(variant=variant, vocab_size=101, hidden_size=32, num_hidden_layers=2, num_heads=2,
+                          intermediate_size=64, memory_depth=2, memory_chunk_size=4, segment_len=8,
+                          attention_window_size=6, num_persistent_tokens=2)
+    model = TitansForCausalLM(config).double().eval()
+    x = torch.randint(0, 101, (2, 30))
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    logits = {}
+    for flag in (False, True):
+        model.config.compile_decode_step = flag
+        with torch.no_grad():
+            cache, outs, at = None, [], 0
+            for n in [5] + [1] * 12 + [7] + [1] * 6:
+                out = model(x[:, at:at + n], attention_mask=mask[:, :at + n], past_key_values=cache, use_cache=True)
+                cache, at = out.past_key_values, at + n
+                outs.append(out.logits)
+        logits[flag] = torch.cat(outs, 1)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-8, rtol=1e-8)
+    assert len(calls) == 18 * 2  # 18 one-token calls, 2 layers

@@ -18,6 +18,10 @@ shares η and α per chunk, which agrees when its chunk_size is 1). The b gradie
 act on the same weights, so θ·b near 2 (with unit keys) overshoots: `memory_max_lr` defaults to 0.1. Token t reads M_t(q_t), the
 weights that include its own update (as gated_delta_rule's o_t = q_t S_t). `use_momentum=False`
 is η = 0: with `memory_depth=1` that is the gated delta rule.
+
+`compile_decode_step=True` runs each layer's one-token decoding step through torch.compile: a few
+hundred small ops per layer fuse into a few kernels (about 2× the tokens/s at width 256 on CPU), for
+20–30 s of compiling on the first decoded tokens (and again for each new batch size). Off by default.
 """
 from transformers import PretrainedConfig
 
@@ -32,7 +36,7 @@ class TitansConfig(PretrainedConfig):
                  memory_activation="gelu", memory_chunk_size=16, memory_max_lr=0.1, use_momentum=True,
                  memory_conv_size=4, num_attention_heads=None, attention_window_size=512, segment_len=64,
                  num_persistent_tokens=4, rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02,
-                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=True,
+                 compile_decode_step=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=True,
                  **kwargs):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -56,5 +60,6 @@ class TitansConfig(PretrainedConfig):
         self.num_attention_heads, self.attention_window_size = num_attention_heads, attention_window_size
         self.segment_len, self.num_persistent_tokens, self.rope_theta = segment_len, num_persistent_tokens, rope_theta
         self.rms_norm_eps, self.initializer_range, self.use_cache = rms_norm_eps, initializer_range, use_cache
+        self.compile_decode_step = compile_decode_step
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

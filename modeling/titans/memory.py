@@ -168,6 +168,11 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
     return reads, weights, momentum, now
 
 
+def one_token_step(x, keep, state) -> bool:
+    """Whether a call can take the one-token decoding path: a cache, one token per row, no pads."""
+    return bool(state) and x.shape[1] == 1 and (keep is None or bool(keep.all()))
+
+
 def l2norm_heads(x, weight, heads):
     """Per-head L2 normalisation with a learned per-channel scale (ones at init)."""
     x = x.unflatten(-1, (heads, -1))
@@ -258,7 +263,7 @@ class NeuralMemory(nn.Module):
         current=False leaves the state after the last token out (no decoding follows)."""
         B, T, _ = x.shape
         new_state = {}
-        if state is not None and T == 1 and lengths is None and (keep is None or bool(keep.all())):
+        if lengths is None and one_token_step(x, keep, state):
             return self.step(x, state)
         k, v, q, lr, log_eta, log_keep = self._tokens(x, keep, state, new_state, lengths)
         memory = state if state is not None else self.initial_state(B, x.device)
@@ -299,7 +304,7 @@ class NeuralMemory(nn.Module):
     def step(self, x, state):
         """One token for every row, x [B, 1, D]: the recurrence itself on the current state,
         S = η S − θ u, M = (1 − α) M + S with u the token's gradient at the chunk-start weights; the
-        token also joins the open chunk, and when the chunk fills the anchor moves to M, S."""
+        token also joins the open chunk, and when the chunk fills the anchor moves to M, S (`settle`)."""
         new_state = {}
         k, v, q, lr, log_eta, log_keep = (t[:, 0] for t in self._tokens(x, None, state, new_state))
         dt, b = k.dtype, self.chunk_size
@@ -311,17 +316,27 @@ class NeuralMemory(nn.Module):
         weights = [gate(log_keep.exp()) * w.to(dt) + s for w, s in zip(state["current"], momentum)]
         read = mlp_read(weights, q[:, None], self.activation)
         count = state["count"]
-        closed = count + 1 == b  # the chunk is full: the next one starts from here
         pending = write_slots(state["pending"], count, (k, v, lr, log_eta, log_keep))
-        anchor, anchor_momentum = state["weights"], state["momentum"]
-        if closed.any():
-            pick = lambda new, old: tuple(torch.where(closed.view(-1, 1, 1, 1), n, o.to(n.dtype))  # noqa: E731
-                                          for n, o in zip(new, old))
-            anchor, anchor_momentum = pick(weights, anchor), pick(momentum, anchor_momentum)
-        new_state.update(weights=anchor, momentum=anchor_momentum, pending=pending,
-                         count=torch.where(closed, 0, count + 1), current=tuple(weights),
+        new_state.update(weights=state["weights"], momentum=state["momentum"], pending=pending,
+                         count=torch.where(count + 1 == b, 0, count + 1), current=tuple(weights),
                          current_momentum=tuple(momentum))
+        if not torch.compiler.is_compiling():  # compiled, the step has no branch on the data: the caller settles
+            new_state = self.settle(new_state)
         return read, new_state
+
+    @staticmethod
+    def settle(state):
+        """Rows whose chunk just filled (count 0) start the next chunk from their current state; a
+        no-op elsewhere. A branch on the data, so that the weights are copied only when a chunk closes."""
+        if state is None or "current" not in state:
+            return state
+        closed = state["count"] == 0  # also a row at a chunk boundary after a prefill: anchor = current there
+        if not closed.any():
+            return state
+        pick = lambda new, old: tuple(torch.where(closed.view(-1, 1, 1, 1), n, o.to(n.dtype))  # noqa: E731
+                                      for n, o in zip(new, old))
+        return {**state, "weights": pick(state["current"], state["weights"]),
+                "momentum": pick(state["current_momentum"], state["momentum"])}
 
     def output(self, reads, x):
         """Normalise each head's read, gate it with a linear map of x, project back to the model width."""

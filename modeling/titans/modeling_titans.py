@@ -21,6 +21,8 @@ No official Titans checkpoint exists, so there is no converter.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -30,7 +32,7 @@ from ..base import Layout, RecurrentForCausalLM, RecurrentModel
 from ..layers import RMSNorm, ShortConvolution, SwiGLU
 from .attention import SegmentAttention, WindowAttention
 from .configuration_titans import TitansConfig
-from .memory import NeuralMemory, l2norm_heads, mlp_read
+from .memory import NeuralMemory, l2norm_heads, mlp_read, one_token_step
 from .rows import realign, tail, unalign, window_before, write_slots
 
 
@@ -76,6 +78,9 @@ class MemoryLayer(nn.Module):
         _store(states, "memory.", state)
         return out
 
+    def settle(self, states):
+        _store(states, "memory.", self.memory.settle(_substate(states, "memory.")))
+
 
 class MemoryAsGate(nn.Module):
     """MAG: sliding-window attention with persistent memory, gated with the memory's read of the same input."""
@@ -91,6 +96,9 @@ class MemoryAsGate(nn.Module):
         m, state = self.memory(x, keep, _substate(states, "memory."), want_state=states is not None)
         _store(states, "memory.", state)
         return self.gate(y, m)
+
+    def settle(self, states):
+        _store(states, "memory.", self.memory.settle(_substate(states, "memory.")))
 
 
 class MemoryAsContext(nn.Module):
@@ -114,7 +122,7 @@ class MemoryAsContext(nn.Module):
         return self.memory.output(mlp_read(weights, q, self.activation), x)
 
     def forward(self, x, position_ids, keep=None, states=None):
-        if states is not None and "step_kv" in states and x.shape[1] == 1 and (keep is None or bool(keep.all())):
+        if states is not None and "step_kv" in states and one_token_step(x, keep, states):
             return self.step(x, states)
         B, C = x.shape[0], self.segment_len
         opened = None if states is None or "context" not in states else [states["context"]]
@@ -167,14 +175,24 @@ class MemoryAsContext(nn.Module):
         u, conv = self.context_q_conv(self.context_q_proj(x), None, states["step_conv"])
         y, step_kv = self.attention.step(x, self._query(u, states["memory.weights"], x), position, states["step_kv"])
         m, running = self.memory(y, None, _substate(states, "running."), want_state=True)
-        closed = position + 1 == C  # the segment is full: the next one starts from here
         states.update(context=write_slots([states["context"]], position, [x[:, 0]])[0], step_conv=conv, step_kv=step_kv,
-                      context_count=torch.where(closed, 0, position + 1))
-        if closed.any():
-            states["context_conv"] = torch.where(closed[:, None, None], conv, states["context_conv"])
-            _store(states, "memory.", _select(closed, running, _substate(states, "memory.")))
+                      context_count=torch.where(position + 1 == C, 0, position + 1))
         _store(states, "running.", running)
+        if not torch.compiler.is_compiling():  # compiled, the step has no branch on the data: the caller settles
+            self.settle(states)
         return self.gate(y, m)
+
+    def settle(self, states):
+        """Rows whose segment just filled (count 0) start the next one from the running memory and conv
+        window (and the running memory's own chunk settles); a no-op elsewhere."""
+        running = self.memory.settle(_substate(states, "running."))
+        if running is None:
+            return
+        _store(states, "running.", running)
+        closed = states["context_count"] == 0  # also right after a prefill that ended a segment: equal there
+        if closed.any():
+            states["context_conv"] = torch.where(closed[:, None, None], states["step_conv"], states["context_conv"])
+            _store(states, "memory.", _select(closed, running, _substate(states, "memory.")))
 
 
 _MIXERS = {"lmm": MemoryLayer, "mal": MemoryLayer, "mag": MemoryAsGate, "mac": MemoryAsContext}
@@ -184,7 +202,7 @@ class TitansBlock(GradientCheckpointingLayer):
     def __init__(self, config: TitansConfig):
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
-        self.variant = config.variant
+        self.config, self.variant = config, config.variant
         self.mixer_norm = RMSNorm(D, eps=eps)
         self.mixer = _MIXERS[config.variant](config)
         if config.variant == "mal":
@@ -202,6 +220,12 @@ class TitansBlock(GradientCheckpointingLayer):
             out = self._run(rows, torch.arange(L, device=x.device).expand(N, L), keep, None)
             return padded_to_pack(out, cu)
         keep = None if layout.pad is None else layout.pad[..., 0] > 0
+        if self.config.compile_decode_step and one_token_step(x, keep, states):  # decoding, compiled
+            for k, v in states.items():  # one memory layout (the prefill's and the step's differ): no recompiling
+                states[k] = tuple(map(_row_major, v)) if isinstance(v, tuple) else _row_major(v)
+            h = _compiled_run()(self, x, layout.position_ids, None, states)
+            self.mixer.settle(states)  # a chunk or segment that just closed: a branch on the data, kept outside
+            return h
         return self._run(x, layout.position_ids, keep, states)
 
     def _run(self, x, position_ids, keep, states):
@@ -209,6 +233,26 @@ class TitansBlock(GradientCheckpointingLayer):
         if self.variant == "mal":
             h = h + self.attention(self.attention_norm(h), position_ids, keep, states)
         return h + self.mlp(self.mlp_norm(h))
+
+
+def _row_major(t):
+    """t with the strides of a fresh tensor of its shape (a copy only where they differ): a compiled
+    function is specialised to its inputs' strides, those of size-1 dimensions included."""
+    return t if t.stride() == _strides(t.shape) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _strides(shape):
+    out, step = [], 1
+    for size in reversed(shape):
+        out.append(step)
+        step *= size
+    return tuple(reversed(out))
+
+
+@functools.cache
+def _compiled_run():
+    """TitansBlock._run under torch.compile, for decoding (one shared function: the layers share its graphs)."""
+    return torch.compile(TitansBlock._run, dynamic=False, fullgraph=True)  # a graph break is an error, not slow
 
 
 class TitansModel(RecurrentModel):
