@@ -7,15 +7,18 @@ name of `recur bench train`'s lineup (`llama`, `recur_gla`, ...: random weights,
 `--layers` and `--vocab` as there), so `recur bench decode llama recur_gla recur_mamba2` compares
 each family with the same-width Llama and its KV cache. For each batch size and prompt length: the
 prompt (random token ids) goes through the model's cache 2048 tokens at a time, then 4 untimed and
-`--new-tokens` timed greedy tokens are decoded one at a time; the table gives decode tokens/s, the
-cache's size after the prompt and after decoding, and the ratio of each model's tokens/s to the
-first model's. `--compile-step` turns on the models' compiled one-token step where their config has
+`--new-tokens` timed greedy tokens are decoded one at a time; the table gives decode tokens/s (the
+batch over the median time of a token, so that a moment of noise on a shared machine does not
+count; the JSON also has the mean), the cache's size after the prompt and after decoding, and the
+ratio of each model's tokens/s to the first model's. The models take turns at each batch size and
+prompt length, so a slow or fast stretch of the machine falls on all of them alike. `--compile-step` turns on the models' compiled one-token step where their config has
 one (`compile_decode_step`: Titans); its compiling falls in the untimed tokens, whose time the table
 shows as the warm-up.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -54,16 +57,18 @@ def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, s
     prefill = time.perf_counter() - start
     size = cache_bytes(cache)
     token = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
-    for step in range(WARMUP + new_tokens):  # the first steps, untimed, pay one-time costs (allocations, compiling)
-        if step == WARMUP:
-            warmup, start = time.perf_counter() - start, time.perf_counter()
+    times = []
+    for _ in range(WARMUP + new_tokens):  # the first steps, untimed, pay one-time costs (allocations, compiling)
+        start = time.perf_counter()
         out = model(token, use_cache=True, **{CACHE_FIELD: cache})
         cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
-    seconds = time.perf_counter() - start
-    return {"prompt": prompt_len, "batch": batch, "tokens_per_s": batch * new_tokens / seconds,
-            "cache_mb": size / 2**20, "cache_mb_after": cache_bytes(cache) / 2**20, "prefill_s": prefill,
-            "warmup_s": warmup}
+        if token.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    timed = times[WARMUP:]
+    return {"prompt": prompt_len, "batch": batch, "tokens_per_s": batch / statistics.median(timed),
+            "tokens_per_s_mean": batch * len(timed) / sum(timed), "cache_mb": size / 2**20,
+            "cache_mb_after": cache_bytes(cache) / 2**20, "prefill_s": prefill, "warmup_s": sum(times[:WARMUP])}
 
 
 def main(argv=None) -> int:
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     lineup = builders(args.width, args.layers, args.vocab, max(prompts) + args.new_tokens)
-    rows = []
+    models = []
     for spec in args.models:
         if spec in lineup:
             torch.manual_seed(0)
@@ -104,15 +109,17 @@ def main(argv=None) -> int:
             name = str(source.path)
         if args.compile_step and hasattr(model.config, "compile_decode_step"):
             model.config.compile_decode_step, name = True, f"{name} (compiled step)"
-        runs = [(b, p) for b in batches for p in prompts]
-        with tqdm(runs, desc=name.split("/")[-1], unit="run") as bar, memory_limit(model.device):
-            for batch, prompt in bar:
-                row = {"model": name, "type": model.config.model_type, "prompt": prompt, "batch": batch}
-                with skipped_when_out_of_memory(row):
-                    row.update(decode_speed(model, prompt, args.new_tokens, batch))
-                rows.append(row)
-                bar.write(format_row(row), file=sys.stderr)  # stdout: the table or JSON
-        del model
+        models.append((name, model))
+    rows = []
+    runs = [(b, p, m) for b in batches for p in prompts for m in models]
+    with tqdm(runs, desc="decode", unit="run") as bar, memory_limit(models[0][1].device):
+        for batch, prompt, (name, model) in bar:
+            row = {"model": name, "type": model.config.model_type, "prompt": prompt, "batch": batch}
+            with skipped_when_out_of_memory(row):
+                row.update(decode_speed(model, prompt, args.new_tokens, batch))
+            rows.append(row)
+            bar.write(format_row(row), file=sys.stderr)  # stdout: the table or JSON
+    rows.sort(key=lambda r: [name for name, _ in models].index(r["model"]))  # model by model (a stable sort)
     base = {(r["batch"], r["prompt"]): r.get("tokens_per_s") for r in rows if r["model"] == rows[0]["model"]}
     for r in rows:
         first = base.get((r["batch"], r["prompt"]))

@@ -112,7 +112,8 @@ class ShortConvolution(nn.Module):
             y = y + self.conv.bias.to(x.dtype)
         if self.activation == "silu":
             y = F.silu(y)
-        return y, full[:, -(K - 1):] if K > 1 else full[:, :0]
+        window = full[:, -(K - 1):] if K > 1 else full[:, :0]
+        return y, window.clone(memory_format=torch.contiguous_format)  # one layout after any call: compiled steps stay valid
 
 
 def token_shift(x: torch.Tensor, position_ids=None, state=None):

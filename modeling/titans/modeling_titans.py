@@ -221,8 +221,6 @@ class TitansBlock(GradientCheckpointingLayer):
             return padded_to_pack(out, cu)
         keep = None if layout.pad is None else layout.pad[..., 0] > 0
         if self.config.compile_decode_step and one_token_step(x, keep, states):  # decoding, compiled
-            for k, v in states.items():  # one memory layout (the prefill's and the step's differ): no recompiling
-                states[k] = tuple(map(_row_major, v)) if isinstance(v, tuple) else _row_major(v)
             h = _compiled_run()(self, x, layout.position_ids, None, states)
             self.mixer.settle(states)  # a chunk or segment that just closed: a branch on the data, kept outside
             return h
@@ -233,20 +231,6 @@ class TitansBlock(GradientCheckpointingLayer):
         if self.variant == "mal":
             h = h + self.attention(self.attention_norm(h), position_ids, keep, states)
         return h + self.mlp(self.mlp_norm(h))
-
-
-def _row_major(t):
-    """t with the strides of a fresh tensor of its shape (a copy only where they differ): a compiled
-    function is specialised to its inputs' strides, those of size-1 dimensions included."""
-    return t if t.stride() == _strides(t.shape) else t.clone(memory_format=torch.contiguous_format)
-
-
-def _strides(shape):
-    out, step = [], 1
-    for size in reversed(shape):
-        out.append(step)
-        step *= size
-    return tuple(reversed(out))
 
 
 @functools.cache
