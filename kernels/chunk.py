@@ -166,22 +166,30 @@ def rwkv6_chunk(r, k, v, log_decay, bonus, state, chunk_size=64):
 
 
 def scalar_decay_chunk(q, k, v, log_decay, scale, state, chunk_size=64):
-    """One decay per head and step: the decay matrix is [C, C], no per-channel expansion needed."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    """One decay per head and step: the decay matrix is [C, C], no per-channel expansion needed.
+
+    q, k [B, T, G, K] with G dividing v's H heads: a group's heads share q and k, so q kᵀ is taken
+    once per group, and the products of q or k with the state side are one matmul over the group's
+    heads side by side (the decays, being per head, go on the values and outputs instead)."""
+    B, T, G, K = q.shape
+    H, V = v.shape[2:]
+    r = H // G
     C = _chunk_size(T, chunk_size)
-    q, k, v, g = (_chunked(x, C) for x in (q, k, v, log_decay.unsqueeze(-1)))
+    q, k, v, g = (_chunked(x, C) for x in (q, k, v, log_decay.unsqueeze(-1)))  # q, k [B,G,n,C,K]; v [B,H,n,C,V]
     b = g.cumsum(-2)  # [B,H,n,C,1]
     b_end = b[..., -1:, :]
+    side = lambda x: x.unflatten(1, (G, r)).permute(0, 1, 3, 4, 2, 5).flatten(-2)  # noqa: E731  [B,H,n,X,D] -> [B,G,n,X,rD]
+    back = lambda x: x.unflatten(-1, (r, V)).permute(0, 1, 4, 2, 3, 5).flatten(1, 2)  # noqa: E731  and back
 
-    increments = (k * (b_end - b).exp()).transpose(-1, -2) @ v
+    increments = back(k.transpose(-1, -2) @ side((b_end - b).exp() * v))  # [B,H,n,K,V]
     if state is None:
         state = q.new_zeros(B, H, K, V)
     entering, final = _carry_states(b_end, increments, state)
 
     idx = torch.arange(C, device=q.device)
     decay = _causal_exp(b - b.transpose(-1, -2), idx.view(C, 1) >= idx.view(1, C))  # [B,H,n,C,C]
-    o = (q * b.exp()) @ entering + ((q @ k.transpose(-1, -2)) * decay) @ v
+    scores = (q @ k.transpose(-1, -2)).unsqueeze(2) * decay.unflatten(1, (G, r))  # [B,G,r,n,C,C]
+    o = b.exp() * back(q @ side(entering)) + scores.flatten(1, 2) @ v
     return scale * _unchunked(o, T), final
 
 

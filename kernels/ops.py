@@ -78,12 +78,17 @@ def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, o
     """As `gated_linear_attention` with one log-decay per head and step: log_decay [B, T, H].
 
     Mamba-2's SSD (q = C, k = B, v = Δ·x, g = Δ·A, scale = 1) and RetNet. State [N, H, K, V].
+    q and k may have G heads for v's H, H a multiple of G (Mamba-2's groups: each group of H / G
+    heads shares them); the chunk path then computes what the heads share once per group.
     """
-    B, T, H, K, V = _check_qkv(q, k, v)
+    B, T, G, K = _check_qk_groups(q, k, v)
+    H, V = v.shape[2:]
     check_shape("log_decay", log_decay, (B, T, H))
     N = check_varlen(cu_seqlens, B, T)
     scale = K**-0.5 if scale is None else scale
     impl = resolve_impl(impl, q)
+    if impl != "chunk" and G != H:  # the loop and fla's kernel take q and k per head
+        q, k = q.repeat_interleave(H // G, 2), k.repeat_interleave(H // G, 2)
     if impl == "triton":
         from .fla_ops import scalar_decay as fla_scalar_decay
 
@@ -92,6 +97,18 @@ def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, o
     return _run(impl, functools.partial(scalar_decay_naive, scale=scale),
                 functools.partial(scalar_decay_chunk, scale=scale),
                 chunk_size, [q, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
+
+
+def _check_qk_groups(q, k, v):
+    """q, k [B, T, G, K] and v [B, T, H, V] with H a multiple of G. Returns (B, T, G, K)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, time, heads, dim], got shape {list(q.shape)}")
+    B, T, G, K = q.shape
+    check_shape("k", k, (B, T, G, K))
+    check_shape("v", v, (B, T, None, None))
+    if v.shape[2] % G:
+        raise ValueError(f"v's {v.shape[2]} heads must be a multiple of q's and k's {G}")
+    return B, T, G, K
 
 
 def rwkv6(r, k, v, log_decay, bonus, initial_state=None, output_final_state=False, cu_seqlens=None,

@@ -74,6 +74,23 @@ def test_chunk_matches_loop(name, T, chunk_size):
     assert_close(grad, ref_grad, f"{name} gradients")
 
 
+@pytest.mark.parametrize("T,chunk_size,packed", [(1, 64, False), (65, 16, False), (300, 64, False), (100, 32, True)])
+def test_grouped_queries_and_keys_equal_the_loop_over_every_head(T, chunk_size, packed):
+    """scalar_decay_attention with q, k in G = 2 groups for H = 6 heads (Mamba-2's n_groups): the chunk
+    path, which takes what a group shares once, against the loop over q and k repeated to every head:
+    outputs, final states and all gradients, float64, ragged and packed."""
+    case = make_case("scalar_decay_attention", B=1 if packed else 2, T=T, H=6, K=8, V=5)
+    case.inputs.update(q=case.inputs["q"][:, :, :2], k=case.inputs["k"][:, :, :2])
+    cu = torch.tensor([0, 7, 7, 70, 71, T]) if packed else None
+    state = make_case("scalar_decay_attention", B=5, T=1, H=6, K=8, V=5, seed=4).state if packed else case.state
+    ref_out, ref_grad = run_with_grads(case, "naive", state=state, cu_seqlens=cu)
+    out, grad = run_with_grads(case, "chunk", state=state, cu_seqlens=cu, chunk_size=chunk_size)
+    assert_close(out, ref_out, "grouped outputs")
+    assert_close(grad, ref_grad, "grouped gradients")
+    with pytest.raises(ValueError, match="multiple of q's and k's 4"):
+        kernels.scalar_decay_attention(*(torch.zeros(1, 3, 4, 8),) * 2, torch.zeros(1, 3, 6, 5), torch.zeros(1, 3, 6))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_chunk_matches_loop_without_initial_state(name):
     case = make_case(name, T=70, K=5, V=3, seed=3)

@@ -64,10 +64,11 @@ class Mamba2Mixer(nn.Module):
             dt = dt * pad
         A = -torch.exp(self.A_log.float())
         xs = xs.view(B, T, H, P)
-        to_heads = lambda t: t.view(B, T, G, N).repeat_interleave(H // G, dim=2)
-        q, k, v, log_decay = to_heads(Cm), to_heads(Bm), (xs.float() * dt.unsqueeze(-1)).to(xs.dtype), dt * A
+        groups = lambda t: t.view(B, T, G, N)  # noqa: E731  (the kernel shares them over each group's heads)
+        q, k, v, log_decay = groups(Cm), groups(Bm), (xs.float() * dt.unsqueeze(-1)).to(xs.dtype), dt * A
         state = None if states is None else states.get("recurrent")
         if T == 1 and states is not None and cu_seqlens is None:  # decoding: one fused step, no chunk kernel
+            q, k = (t.repeat_interleave(H // G, dim=2) for t in (q, k))
             y, final = scalar_decay_attention_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state, scale=1.0)
             y = y.unsqueeze(1)
         else:
