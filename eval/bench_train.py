@@ -36,7 +36,6 @@ import torch
 from tqdm import tqdm
 
 
-MIN_TIMED_SECONDS, MAX_STEPS = 10.0, 20  # short steps are repeated: the best of more runs is steadier
 FULL = " (full logits)"  # the row of a model whose loss came from the whole sequence's logits
 
 
@@ -185,7 +184,7 @@ def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float
     if first <= max_step_seconds:
         allocator(measuring_memory=False)
         times = []
-        while len(times) < steps or (sum(times) < MIN_TIMED_SECONDS and len(times) < MAX_STEPS):
+        while len(times) < steps:  # as many at every shape: the best of more would favour short steps
             start = time.perf_counter()
             train_step(model, optimizer, ids, full_logits)
             sync()
@@ -226,8 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=2,
-                        help="timed steps after the first, at least (short steps repeat for 10 s; the best counts)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed steps after the first, the same number at every shape (the best counts)")
     parser.add_argument("--max-step-seconds", type=float, default=120.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
