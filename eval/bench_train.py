@@ -7,8 +7,10 @@ is forward, backward and AdamW on random tokens. The peers: transformers' `Llama
 attention), `Mamba2ForCausalLM` (its torch path, the one that runs without mamba_ssm's CUDA kernels),
 `RecurrentGemmaForCausalLM` (Griffin, and Hawk with recurrent blocks only) and titans-pytorch's
 `MemoryAsContextTransformer`. recur's Mamba-2, Griffin and Hawk are converted from the peer's own
-config (`from_transformers`), so those pairs are the same model. Everything runs in this process, one
-model at a time; `vs llama` and `vs peer` are ratios of tokens/s.
+config (`from_transformers`), so those pairs are the same model. Everything runs in this process: at
+each shape every model takes its first step, then the models take turns for `--steps` timed steps
+(the best counts, as many at every shape), so that a slow or fast stretch of the machine falls on all
+of them; `vs llama` and `vs peer` are ratios of tokens/s.
 
 Peak memory is the first step's growth of resident memory on CPU (sampled every 2 ms, with glibc told
 to hand large blocks back to the system when they are freed) and `max_memory_allocated` on GPU. MFU is
@@ -167,31 +169,37 @@ def train_step(model, optimizer, ids, full_logits: bool = False):
     return loss
 
 
-def measure(model, batch: int, seq_len: int, steps: int, max_step_seconds: float, device,
-            full_logits: bool = False) -> dict:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") \
-        else model.token_emb.num_embeddings
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    allocator(measuring_memory=True)
-    with PeakMemory(device) as memory:
+class Timing:
+    """One model at one shape: a first step, which also measures the peak memory (and allocates
+    AdamW's state), then timed steps that the caller takes in turns with the other models of the shape,
+    so that a slow or fast stretch of a shared machine falls on all of them; the best step counts."""
+
+    def __init__(self, model, batch: int, seq_len: int, device, full_logits: bool = False):
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") \
+            else model.token_emb.num_embeddings
+        self.ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+        self.model, self.full_logits, self.times = model, full_logits, []
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        allocator(measuring_memory=True)
+        with PeakMemory(device) as memory:
+            self.first = self._step()
+        self.peak = memory.peak
+
+    def _step(self) -> float:
         start = time.perf_counter()
-        train_step(model, optimizer, ids, full_logits)  # the first step also allocates AdamW's state
-        sync()
-        first = time.perf_counter() - start
-    times = [first]
-    if first <= max_step_seconds:
+        train_step(self.model, self.optimizer, self.ids, self.full_logits)
+        self.sync()
+        return time.perf_counter() - start
+
+    def step(self):
         allocator(measuring_memory=False)
-        times = []
-        while len(times) < steps:  # as many at every shape: the best of more would favour short steps
-            start = time.perf_counter()
-            train_step(model, optimizer, ids, full_logits)
-            sync()
-            times.append(time.perf_counter() - start)
-    seconds = min(times)
-    return {"tokens_per_s": batch * seq_len / seconds, "step_s": seconds, "peak_mb": memory.peak / 2**20,
-            "first_step_only": first > max_step_seconds}
+        self.times.append(self._step())
+
+    def result(self) -> dict:
+        seconds = min(self.times or [self.first])
+        return {"tokens_per_s": self.ids.numel() / seconds, "step_s": seconds, "peak_mb": self.peak / 2**20,
+                "first_step_only": not self.times}
 
 
 def model_flops_per_token(model, seq_len: int) -> float | None:
@@ -256,9 +264,11 @@ def main(argv=None) -> int:
     if args.full_logits_too:
         runs = [(name, full) for name in names for full in ((False, True) if name in ours else (False,))]
     rows, last = [], {}  # last: (label, batch) -> (seq_len, step seconds) of its latest timed shape
-    with tqdm(total=len(shapes) * len(runs), desc="bench train", unit="run") as bar, memory_limit(device):
+    with tqdm(total=len(shapes) * len(runs) * (1 + args.steps), desc="bench train", unit="step") as bar, \
+            memory_limit(device):
         for batch, seq_len in shapes:
-            for name, full in runs:
+            shape_rows, timings = [], []  # timings: (row, model, Timing) of the models that go on to timed steps
+            for name, full in runs:  # first steps, one model after another
                 label = f"{name}{FULL if full else ''}"
                 bar.set_postfix_str(f"{label} {batch}x{seq_len}")
                 row = {"model": label, "batch": batch, "seq_len": seq_len}
@@ -271,16 +281,34 @@ def main(argv=None) -> int:
                     torch.manual_seed(0)
                     model = table[name]().to(device).train()
                     with skipped_when_out_of_memory(row):
-                        row.update(measure(model, batch, seq_len, args.steps, args.max_step_seconds, device, full))
-                        flops = model_flops_per_token(model, seq_len)
-                        row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
-                    del model
+                        timing = Timing(model, batch, seq_len, device, full)
+                        if timing.first <= args.max_step_seconds:
+                            timings.append((row, model, timing))
+                        else:
+                            row.update(timing.result())
                     gc.collect()
+                shape_rows.append(row)
+                timed = bool(timings) and timings[-1][0] is row
+                bar.update(1 if timed else 1 + args.steps)  # (a model without timed steps: its share at once)
+            for _ in range(args.steps):  # timed steps: the models take turns
+                for row, _, timing in timings:
+                    if "skipped" not in row:
+                        bar.set_postfix_str(f"{row['model']} {batch}x{seq_len}")
+                        with skipped_when_out_of_memory(row):
+                            timing.step()
+                    bar.update()
+            for row, model, timing in timings:
+                if "skipped" not in row:
+                    row.update(timing.result())
+                    flops = model_flops_per_token(model, seq_len)
+                    row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
+            del timings
+            gc.collect()
+            for row in shape_rows:
                 skipped = row.get("skipped") or row.get("first_step_only")
-                last[label, batch] = "skip" if skipped else (seq_len, row["step_s"])
-                rows.append(row)
+                last[row["model"], batch] = "skip" if skipped else (seq_len, row["step_s"])
                 bar.write(format_table([row], header=False), file=sys.stderr)  # stdout: the table or JSON
-                bar.update()
+            rows += shape_rows
     add_ratios(rows)
     if args.json:
         print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "matmul_peak_flops": peak,
