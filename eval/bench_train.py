@@ -15,9 +15,9 @@ of them; `vs llama` and `vs peer` are ratios of tokens/s.
 Peak memory is the first step's growth of resident memory on CPU (sampled every 2 ms, with glibc told
 to hand large blocks back to the system when they are freed) and `max_memory_allocated` on GPU. MFU is
 model FLOPs per token (train/flops.py: 6N plus the token mixing) times tokens/s over the measured
-float32 matmul peak of this process. A model whose step took longer than `--max-step-seconds` is
-timed on that one step and skipped at longer sequences, and so is one whose step, scaled linearly from
-its last shape, would take longer; on CPU the process's address space is capped just under the
+float32 matmul peak of this process. A model whose first step took longer than `--max-step-seconds` is
+timed on one more step only ("1 step") and skipped at longer sequences, and so is one whose step,
+scaled linearly from its last shape, would take longer; on CPU the process's address space is capped just under the
 machine's memory, so a model that does not fit is reported out of memory instead of killing the run.
 `--full-logits-too` also times each recur model with its loss taken from the whole [B, T, vocab]
 float32 logits, as most training code does, and shows the peak memory of recur's chunked cross
@@ -199,7 +199,7 @@ class Timing:
     def result(self) -> dict:
         seconds = min(self.times or [self.first])
         return {"tokens_per_s": self.ids.numel() / seconds, "step_s": seconds, "peak_mb": self.peak / 2**20,
-                "first_step_only": not self.times}
+                "over_step_limit": False}
 
 
 def model_flops_per_token(model, seq_len: int) -> float | None:
@@ -282,30 +282,28 @@ def main(argv=None) -> int:
                     model = table[name]().to(device).train()
                     with skipped_when_out_of_memory(row):
                         timing = Timing(model, batch, seq_len, device, full)
-                        if timing.first <= args.max_step_seconds:
-                            timings.append((row, model, timing))
-                        else:
-                            row.update(timing.result())
+                        # over the limit: one timed step all the same (the first, measuring memory, is slower)
+                        timings.append((row, model, timing, timing.first > args.max_step_seconds))
                     gc.collect()
                 shape_rows.append(row)
                 timed = bool(timings) and timings[-1][0] is row
                 bar.update(1 if timed else 1 + args.steps)  # (a model without timed steps: its share at once)
-            for _ in range(args.steps):  # timed steps: the models take turns
-                for row, _, timing in timings:
-                    if "skipped" not in row:
+            for turn in range(args.steps):  # timed steps: the models take turns
+                for row, _, timing, over in timings:
+                    if "skipped" not in row and not (over and turn):
                         bar.set_postfix_str(f"{row['model']} {batch}x{seq_len}")
                         with skipped_when_out_of_memory(row):
                             timing.step()
                     bar.update()
-            for row, model, timing in timings:
+            for row, model, timing, over in timings:
                 if "skipped" not in row:
-                    row.update(timing.result())
+                    row.update(timing.result(), over_step_limit=over)
                     flops = model_flops_per_token(model, seq_len)
                     row["mfu"] = None if flops is None else flops * row["tokens_per_s"] / peak
             del timings
             gc.collect()
             for row in shape_rows:
-                skipped = row.get("skipped") or row.get("first_step_only")
+                skipped = row.get("skipped") or row.get("over_step_limit")
                 last[row["model"], batch] = "skip" if skipped else (seq_len, row["step_s"])
                 bar.write(format_table([row], header=False), file=sys.stderr)  # stdout: the table or JSON
             rows += shape_rows
@@ -345,7 +343,7 @@ def format_table(rows: list[dict], header: bool = True) -> str:
         if r.get("skipped"):
             lines.append(f"| {r['model']} | {shape} | skipped: {r['skipped']} | | | | |")
             continue
-        note = " (1 step)" if r["first_step_only"] else ""
+        note = " (1 step)" if r["over_step_limit"] else ""
         mfu = "" if r.get("mfu") is None else f"{100 * r['mfu']:.0f}%"
         peer = peers.get(r["model"], "")
         saved = r.get("memory_vs_full_logits")
