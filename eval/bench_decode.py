@@ -10,8 +10,9 @@ prompt (random token ids) goes through the model's cache 2048 tokens at a time, 
 `--new-tokens` timed greedy tokens are decoded one at a time; the table gives decode tokens/s (the
 batch over the median time of a token, so that a moment of noise on a shared machine does not
 count; the JSON also has the mean), the cache's size after the prompt and after decoding, and the
-ratio of each model's tokens/s to the first model's. The models take turns at each batch size and
-prompt length, so a slow or fast stretch of the machine falls on all of them alike. `--compile-step` turns on the models' compiled one-token step where their config has
+ratio of each model's tokens/s to the first model's. At each batch size and prompt length every
+model prefills its cache, then the models take turns decoding (8 turns of 16 tokens by default), so
+a slow or fast stretch of the machine falls on all of them alike. `--compile-step` turns on the models' compiled one-token step where their config has
 one (`compile_decode_step`: Titans); its compiling falls in the untimed tokens, whose time the table
 shows as the warm-up.
 """
@@ -29,6 +30,7 @@ from recur.modeling.base import CACHE_FIELD
 
 CHUNK = 2048
 WARMUP = 4  # decoded tokens before the clock starts
+TURNS = 8  # the timed tokens of each model go in this many turns, the models taking turns
 
 
 def cache_bytes(cache) -> int:
@@ -45,30 +47,41 @@ def cache_bytes(cache) -> int:
     return sum(walk(layer) for layer in getattr(cache, "layers", []))
 
 
-@torch.no_grad()
-def decode_speed(model, prompt_len: int, new_tokens: int = 64, batch: int = 1, seed: int = 0) -> dict:
-    vocab = model.get_input_embeddings().num_embeddings
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(model.device)
-    start, cache = time.perf_counter(), None
-    for at in range(0, prompt_len, CHUNK):
-        out = model(ids[:, at:at + CHUNK], use_cache=True, **({CACHE_FIELD: cache} if at else {}))
-        cache = getattr(out, CACHE_FIELD)
-    prefill = time.perf_counter() - start
-    size = cache_bytes(cache)
-    token = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(WARMUP + new_tokens):  # the first steps, untimed, pay one-time costs (allocations, compiling)
+class Decoding:
+    """One model after one prompt: the prompt (random token ids) through its cache `CHUNK` tokens at a
+    time, `WARMUP` untimed greedy tokens, then timed ones in as many turns as the caller takes with
+    the other models (`decode`), so that a slow moment of the machine falls on all of them."""
+
+    @torch.no_grad()
+    def __init__(self, model, prompt_len: int, batch: int = 1, seed: int = 0):
+        self.model, self.prompt_len, self.batch, self.times = model, prompt_len, batch, []
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+        ids, start, self.cache = ids.to(model.device), time.perf_counter(), None
+        for at in range(0, prompt_len, CHUNK):
+            out = model(ids[:, at:at + CHUNK], use_cache=True, **({CACHE_FIELD: self.cache} if at else {}))
+            self.cache = getattr(out, CACHE_FIELD)
+        self.prefill_s, self.size = time.perf_counter() - start, cache_bytes(self.cache)
+        self.token = out.logits[:, -1:].argmax(-1)
+        self.warmup_s = sum(self._step() for _ in range(WARMUP))  # one-time costs (allocations, compiling)
+
+    def _step(self) -> float:
         start = time.perf_counter()
-        out = model(token, use_cache=True, **{CACHE_FIELD: cache})
-        cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
-        if token.device.type == "cuda":
+        out = self.model(self.token, use_cache=True, **{CACHE_FIELD: self.cache})
+        self.cache, self.token = getattr(out, CACHE_FIELD), out.logits[:, -1:].argmax(-1)
+        if self.token.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    timed = times[WARMUP:]
-    return {"prompt": prompt_len, "batch": batch, "tokens_per_s": batch / statistics.median(timed),
-            "tokens_per_s_mean": batch * len(timed) / sum(timed), "cache_mb": size / 2**20,
-            "cache_mb_after": cache_bytes(cache) / 2**20, "prefill_s": prefill, "warmup_s": sum(times[:WARMUP])}
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def decode(self, tokens: int):
+        self.times += [self._step() for _ in range(tokens)]
+
+    def result(self) -> dict:
+        return {"prompt": self.prompt_len, "batch": self.batch, "tokens_per_s": self.batch / statistics.median(self.times),
+                "tokens_per_s_mean": self.batch * len(self.times) / sum(self.times), "cache_mb": self.size / 2**20,
+                "cache_mb_after": cache_bytes(self.cache) / 2**20, "prefill_s": self.prefill_s,
+                "warmup_s": self.warmup_s}
 
 
 def main(argv=None) -> int:
@@ -111,14 +124,29 @@ def main(argv=None) -> int:
             model.config.compile_decode_step, name = True, f"{name} (compiled step)"
         models.append((name, model))
     rows = []
-    runs = [(b, p, m) for b in batches for p in prompts for m in models]
-    with tqdm(runs, desc="decode", unit="run") as bar, memory_limit(models[0][1].device):
-        for batch, prompt, (name, model) in bar:
-            row = {"model": name, "type": model.config.model_type, "prompt": prompt, "batch": batch}
-            with skipped_when_out_of_memory(row):
-                row.update(decode_speed(model, prompt, args.new_tokens, batch))
-            rows.append(row)
-            bar.write(format_row(row), file=sys.stderr)  # stdout: the table or JSON
+    turns = [args.new_tokens // TURNS + (i < args.new_tokens % TURNS) for i in range(TURNS)]
+    with tqdm(total=len(batches) * len(prompts) * len(models), desc="decode", unit="prefill") as bar, \
+            memory_limit(models[0][1].device):
+        for batch in batches:
+            for prompt in prompts:
+                runs = []  # (row, Decoding) of every model after this prompt, caches held together
+                for name, model in models:
+                    bar.set_postfix_str(f"{name.split('/')[-1]} {batch}x{prompt}")
+                    row = {"model": name, "type": model.config.model_type, "prompt": prompt, "batch": batch}
+                    with skipped_when_out_of_memory(row):
+                        runs.append((row, Decoding(model, prompt, batch)))
+                    rows.append(row)
+                    bar.update()
+                for tokens in turns:  # the models take turns
+                    for row, decoding in runs:
+                        with skipped_when_out_of_memory(row):
+                            if "skipped" not in row:
+                                decoding.decode(tokens)
+                for row, decoding in runs:
+                    if "skipped" not in row:
+                        row.update(decoding.result())
+                    bar.write(format_row(row), file=sys.stderr)  # stdout: the table or JSON
+                del runs
     rows.sort(key=lambda r: [name for name, _ in models].index(r["model"]))  # model by model (a stable sort)
     base = {(r["batch"], r["prompt"]): r.get("tokens_per_s") for r in rows if r["model"] == rows[0]["model"]}
     for r in rows:
