@@ -12,9 +12,9 @@ batch over the median time of a token, so that a moment of noise on a shared mac
 count; the JSON also has the mean), the cache's size after the prompt and after decoding, and the
 ratio of each model's tokens/s to the first model's. At each batch size and prompt length every
 model prefills its cache, then the models take turns decoding (8 turns of 16 tokens by default), so
-a slow or fast stretch of the machine falls on all of them alike. `--compile-step` turns on the models' compiled one-token step where their config has
-one (`compile_decode_step`: Titans); its compiling falls in the untimed tokens, whose time the table
-shows as the warm-up.
+a slow or fast stretch of the machine falls on all of them alike. `--compile-step` turns on the
+models' compiled one-token step where their config has one (`compile_decode_step`: Titans); its
+compiling falls in the untimed tokens, whose time the table shows as the warm-up.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ class Decoding:
         self.times += [self._step() for _ in range(tokens)]
 
     def result(self) -> dict:
-        return {"prompt": self.prompt_len, "batch": self.batch, "tokens_per_s": self.batch / statistics.median(self.times),
+        return {"prompt": self.prompt_len, "batch": self.batch,
+                "tokens_per_s": self.batch / statistics.median(self.times),
                 "tokens_per_s_mean": self.batch * len(self.times) / sum(self.times), "cache_mb": self.size / 2**20,
                 "cache_mb_after": cache_bytes(self.cache) / 2**20, "prefill_s": self.prefill_s,
                 "warmup_s": self.warmup_s}

@@ -198,8 +198,7 @@ class Timing:
 
     def result(self) -> dict:
         seconds = min(self.times or [self.first])
-        return {"tokens_per_s": self.ids.numel() / seconds, "step_s": seconds, "peak_mb": self.peak / 2**20,
-                "over_step_limit": False}
+        return {"tokens_per_s": self.ids.numel() / seconds, "step_s": seconds, "peak_mb": self.peak / 2**20}
 
 
 def model_flops_per_token(model, seq_len: int) -> float | None:
@@ -267,7 +266,7 @@ def main(argv=None) -> int:
     with tqdm(total=len(shapes) * len(runs) * (1 + args.steps), desc="bench train", unit="step") as bar, \
             memory_limit(device):
         for batch, seq_len in shapes:
-            shape_rows, timings = [], []  # timings: (row, model, Timing) of the models that go on to timed steps
+            shape_rows, timings = [], []  # timings: (row, model, Timing, first step over the limit) per model
             for name, full in runs:  # first steps, one model after another
                 label = f"{name}{FULL if full else ''}"
                 bar.set_postfix_str(f"{label} {batch}x{seq_len}")

@@ -44,12 +44,15 @@ def _zero_state(initial_state, shape, like):
     return initial_state
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, grouped=False):
+    """q, k [B, T, H, K], v [B, T, H, V]; `grouped`: v's heads a multiple of q's and k's. Returns (B, T, H, K, V)."""
     if q.dim() != 4:
         raise ValueError(f"q must be [batch, time, heads, dim], got shape {list(q.shape)}")
     B, T, H, K = q.shape
     check_shape("k", k, (B, T, H, K))
-    check_shape("v", v, (B, T, H, None))
+    check_shape("v", v, (B, T, None if grouped else H, None))
+    if v.shape[2] % H:
+        raise ValueError(f"v's {v.shape[2]} heads must be a multiple of q's and k's {H}")
     return B, T, H, K, v.shape[-1]
 
 
@@ -81,8 +84,8 @@ def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, o
     q and k may have G heads for v's H, H a multiple of G (Mamba-2's groups: each group of H / G
     heads shares them); the chunk path then computes what the heads share once per group.
     """
-    B, T, G, K = _check_qk_groups(q, k, v)
-    H, V = v.shape[2:]
+    B, T, G, K, V = _check_qkv(q, k, v, grouped=True)
+    H = v.shape[2]
     check_shape("log_decay", log_decay, (B, T, H))
     N = check_varlen(cu_seqlens, B, T)
     scale = K**-0.5 if scale is None else scale
@@ -98,17 +101,6 @@ def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, o
                 functools.partial(scalar_decay_chunk, scale=scale),
                 chunk_size, [q, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
-
-def _check_qk_groups(q, k, v):
-    """q, k [B, T, G, K] and v [B, T, H, V] with H a multiple of G. Returns (B, T, G, K)."""
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, time, heads, dim], got shape {list(q.shape)}")
-    B, T, G, K = q.shape
-    check_shape("k", k, (B, T, G, K))
-    check_shape("v", v, (B, T, None, None))
-    if v.shape[2] % G:
-        raise ValueError(f"v's {v.shape[2]} heads must be a multiple of q's and k's {G}")
-    return B, T, G, K
 
 
 def rwkv6(r, k, v, log_decay, bonus, initial_state=None, output_final_state=False, cu_seqlens=None,

@@ -113,7 +113,7 @@ class ShortConvolution(nn.Module):
         if self.activation == "silu":
             y = F.silu(y)
         window = full[:, -(K - 1):] if K > 1 else full[:, :0]
-        return y, window.clone(memory_format=torch.contiguous_format)  # one layout after any call: compiled steps stay valid
+        return y, window.clone(memory_format=torch.contiguous_format)  # one layout after any call (compiled steps)
 
 
 def token_shift(x: torch.Tensor, position_ids=None, state=None):

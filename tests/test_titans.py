@@ -242,19 +242,11 @@ def test_the_state_after_the_last_token_of_ragged_rows(depth):
             torch.testing.assert_close(a[row:row + 1], b, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
-def test_decoding_steps_and_chunks_in_any_mix_equal_the_full_run(variant, monkeypatch):
-    """One-token steps (the cached keys/values and the memory's own recurrence) mixed with chunked
-    prefill, on a left-padded batch whose rows sit at different places in their segments and chunks,
-    give the full run's logits (float64); the single-token paths are really taken."""
+def tiny_left_padded(variant):
+    """A float64 two-layer model (memory chunk 4, MAC segment 8, window 6) and a batch of 2 × 30 token
+    ids whose first row is left-padded by 3, so the rows sit at different places in chunks and segments."""
     from recur.modeling.titans import TitansForCausalLM
-    from recur.modeling.titans import memory as memory_module
-    from recur.modeling.titans import modeling_titans
 
-    steps = []
-    for cls in (memory_module.NeuralMemory, modeling_titans.MemoryAsContext):
-        original = cls.step
-        monkeypatch.setattr(cls, "step", lambda self, *a, _f=original, **k: steps.append(1) or _f(self, *a, **k))
     torch.manual_seed(0)
     config = TitansConfig(variant=variant, vocab_size=101, hidden_size=32, num_hidden_layers=2, num_heads=2,
                           intermediate_size=64, memory_depth=2, memory_chunk_size=4, segment_len=8,
@@ -263,6 +255,22 @@ def test_decoding_steps_and_chunks_in_any_mix_equal_the_full_run(variant, monkey
     x = torch.randint(0, 101, (2, 30))
     mask = torch.ones_like(x)
     mask[0, :3] = 0
+    return model, x, mask
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_decoding_steps_and_chunks_in_any_mix_equal_the_full_run(variant, monkeypatch):
+    """One-token steps (the cached keys/values and the memory's own recurrence) mixed with chunked
+    prefill, on a left-padded batch whose rows sit at different places in their segments and chunks,
+    give the full run's logits (float64); the single-token paths are really taken."""
+    from recur.modeling.titans import memory as memory_module
+    from recur.modeling.titans import modeling_titans
+
+    steps = []
+    for cls in (memory_module.NeuralMemory, modeling_titans.MemoryAsContext):
+        original = cls.step
+        monkeypatch.setattr(cls, "step", lambda self, *a, _f=original, **k: steps.append(1) or _f(self, *a, **k))
+    model, x, mask = tiny_left_padded(variant)
     with torch.no_grad():
         full = model(x, attention_mask=mask).logits
         alone = model(x[:1, 3:]).logits
@@ -285,19 +293,12 @@ def test_the_compiled_decoding_step_is_the_eager_one(monkeypatch):
     in transformers, and the compiled code rounds them differently: 5e-10 here, 1e-15 with float64
     angles), and the compiled path is taken. MAC only: compiling costs 10-40 s per variant."""
     variant = "mac"
-    from recur.modeling.titans import TitansForCausalLM, modeling_titans
+    from recur.modeling.titans import modeling_titans
 
     calls = []
     compiled = modeling_titans._compiled_run
     monkeypatch.setattr(modeling_titans, "_compiled_run", lambda: calls.append(1) or compiled())
-    torch.manual_seed(0)
-    config = TitansConfig(variant=variant, vocab_size=101, hidden_size=32, num_hidden_layers=2, num_heads=2,
-                          intermediate_size=64, memory_depth=2, memory_chunk_size=4, segment_len=8,
-                          attention_window_size=6, num_persistent_tokens=2)
-    model = TitansForCausalLM(config).double().eval()
-    x = torch.randint(0, 101, (2, 30))
-    mask = torch.ones_like(x)
-    mask[0, :3] = 0
+    model, x, mask = tiny_left_padded(variant)
     logits = {}
     for flag in (False, True):
         model.config.compile_decode_step = flag

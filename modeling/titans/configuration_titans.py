@@ -20,8 +20,8 @@ weights that include its own update (as gated_delta_rule's o_t = q_t S_t). `use_
 is η = 0: with `memory_depth=1` that is the gated delta rule.
 
 `compile_decode_step=True` runs each layer's one-token decoding step through torch.compile: a few
-hundred small ops per layer fuse into a few kernels (about 2× the tokens/s at width 256 on CPU), for
-20–30 s of compiling on the first decoded tokens (and again for each new batch size). Off by default.
+hundred small ops per layer fuse into a few kernels (about 2.5× the tokens/s at width 256 on CPU),
+for 15–30 s of compiling on the first decoded tokens (and again for each new batch size). Off by default.
 """
 from transformers import PretrainedConfig
 
@@ -36,8 +36,8 @@ class TitansConfig(PretrainedConfig):
                  memory_activation="gelu", memory_chunk_size=16, memory_max_lr=0.1, use_momentum=True,
                  memory_conv_size=4, num_attention_heads=None, attention_window_size=512, segment_len=64,
                  num_persistent_tokens=4, rope_theta=10000.0, rms_norm_eps=1e-6, initializer_range=0.02,
-                 compile_decode_step=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None, use_cache=True,
-                 **kwargs):
+                 compile_decode_step=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                 pad_token_id=None, use_cache=True, **kwargs):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         head_dim = head_dim or hidden_size // num_heads

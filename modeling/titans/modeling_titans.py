@@ -97,8 +97,7 @@ class MemoryAsGate(nn.Module):
         _store(states, "memory.", state)
         return self.gate(y, m)
 
-    def settle(self, states):
-        _store(states, "memory.", self.memory.settle(_substate(states, "memory.")))
+    settle = MemoryLayer.settle  # the same memory under the same prefix
 
 
 class MemoryAsContext(nn.Module):
