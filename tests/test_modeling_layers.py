@@ -89,6 +89,34 @@ def test_short_convolution_chunked_and_stepwise_equal_one_pass():
     torch.testing.assert_close(state, final)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_short_convolution_gradients(packed, bias):
+    """The hand-written backward: against finite differences, for the input, the state, the weight and
+    the bias, with and without packed documents."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(5, kernel_size=4, bias=bias).double()
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    positions = torch.tensor([[3, 4, 0, 1, 2, 0, 1], [0, 1, 2, 3, 0, 1, 2]]) if packed else None
+    params = [p for p in (conv.conv.weight, conv.conv.bias) if p is not None]
+
+    def run(x, state, *weights):
+        return torch.func.functional_call(conv, dict(zip(["conv.weight", "conv.bias"], weights)),
+                                          (x, positions, state))[0]
+
+    assert torch.autograd.gradcheck(run, (x, state, *params))
+
+
+def test_short_convolution_without_positions_equals_with_them_in_one_sequence():
+    """position_ids that only count up (one sequence per row) change nothing: callers may leave them out."""
+    conv, x = _conv(), torch.randn(2, 9, 10, dtype=torch.float64)
+    state = torch.randn(2, 3, 10, dtype=torch.float64)
+    for past, history in ((0, None), (1, None), (5, state)):
+        positions = torch.arange(past, past + 9).expand(2, -1)
+        torch.testing.assert_close(conv(x, positions, history)[0], conv(x, None, history)[0])
+
+
 def test_token_shift_packed_chunked_and_stepwise():
     x = torch.randn(1, 8, 4, dtype=torch.float64)
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])

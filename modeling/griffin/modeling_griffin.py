@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...kernels import rg_lru, sliding_window_attention, sliding_window_attention_step
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel
-from ..layers import RMSNorm, ShortConvolution
+from ..layers import RMSNorm, ShortConvolution, document_positions
 from .configuration_griffin import GriffinConfig
 
 _PAD_LOGIT = -1e6
@@ -67,7 +67,7 @@ class GriffinRecurrentBlock(nn.Module):
         pad = layout.pad
         if pad is not None:
             u = u * pad.to(u.dtype)
-        u, conv_state = self.conv_1d(u, layout.position_ids, None if states is None else states.get("conv"))
+        u, conv_state = self.conv_1d(u, document_positions(*layout), None if states is None else states.get("conv"))
         if pad is not None:
             u = u * pad.to(u.dtype)
         reset = layout.position_ids == 0

@@ -19,7 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...kernels import scalar_decay_attention, scalar_decay_attention_step
 from ..base import Layout, RecurrentForCausalLM, RecurrentModel, RecurrentPreTrainedModel
-from ..layers import GatedRMSNorm, RMSNorm, ShortConvolution
+from ..layers import GatedRMSNorm, RMSNorm, ShortConvolution, document_positions
 from .configuration_mamba2 import Mamba2Config
 
 
@@ -52,7 +52,8 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], -1)
         if pad is not None:
             xBC = xBC * pad.to(xBC.dtype)
-        xBC, conv_state = self.conv1d(xBC, position_ids, None if states is None else states.get("conv"))
+        conv_state = None if states is None else states.get("conv")
+        xBC, conv_state = self.conv1d(xBC, document_positions(position_ids, pad, cu_seqlens), conv_state)
         if pad is not None:
             xBC = xBC * pad.to(xBC.dtype)
         xs, Bm, Cm = xBC.split([self.d_inner, G * N, G * N], -1)
