@@ -97,17 +97,23 @@ def next_token_targets(labels: torch.Tensor, position_ids: torch.Tensor | None) 
     return targets
 
 
-LOSS_CHUNK = 4096  # tokens per piece of the training loss: 4096 x vocab float32 logits live at a time
+LOSS_LOGITS = 2 ** 25  # float32 logits per piece of the training loss (128 MB)
 
 
-def chunked_causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
-                           chunk: int | None = None) -> torch.Tensor:
+def loss_piece_tokens(vocab_size: int) -> int:
+    """Tokens per piece of the training loss: as many as LOSS_LOGITS logits hold (8192 for a vocabulary of
+    4096, 655 for 51200), so a loss that fits is taken in one piece and not recomputed."""
+    return max(1, LOSS_LOGITS // vocab_size)
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head, labels: torch.Tensor, position_ids: torch.Tensor | None,
+                           chunk: int) -> torch.Tensor:
     """`causal_lm_loss(head(hidden), ...)` without the [B, T, vocab] float32 logits: `chunk` tokens at a
     time, each piece's logits recomputed in the backward (not kept). 0, not NaN, when nothing is scored."""
     from torch.utils.checkpoint import checkpoint
 
     targets = next_token_targets(labels, position_ids).flatten()
-    h, chunk = hidden[:, :-1].flatten(0, 1), chunk or LOSS_CHUNK
+    h = hidden[:, :-1].flatten(0, 1)
     scored = (targets != -100).sum().clamp(min=1)
     if h.shape[0] <= chunk:  # one piece: nothing to save by recomputing it
         return _loss_sum(h, targets, head) / scored
@@ -216,7 +222,8 @@ class RecurrentForCausalLM(RecurrentPreTrainedModel, GenerationMixin):
             # training: the loss without holding the whole sequence's logits (fla's models do the same
             # with their fused linear cross entropy); no logits come back
             return cache_output(CausalLMOutputWithPast, getattr(out, CACHE_FIELD), logits=None,
-                                loss=chunked_causal_lm_loss(hidden, self.logits, labels, position_ids))
+                                loss=chunked_causal_lm_loss(hidden, self.logits, labels, position_ids,
+                                                           loss_piece_tokens(self.config.vocab_size)))
         logits = self.logits(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, position_ids)
         return cache_output(CausalLMOutputWithPast, getattr(out, CACHE_FIELD),

@@ -149,8 +149,8 @@ def test_training_loss_in_pieces_equals_the_full_logits_loss(family, monkeypatch
     back; loss and gradients are those of the whole logits' cross entropy, packed documents included."""
     import recur.modeling.base as base
 
-    monkeypatch.setattr(base, "LOSS_CHUNK", 7)
     model = tiny_model(family)
+    monkeypatch.setattr(base, "LOSS_LOGITS", 7 * model.config.vocab_size)
     model.train()
     x = torch.cat([ids(1, 23, seed=3), ids(1, 23, seed=4)])
     positions = torch.cat([torch.arange(9), torch.arange(14)]).unsqueeze(0).repeat(2, 1)
@@ -168,7 +168,7 @@ def test_training_loss_in_pieces_equals_the_full_logits_loss(family, monkeypatch
                           for n, p in model.named_parameters() if p.grad is not None)
     none = torch.full_like(labels, -100)  # nothing scored: 0, not NaN (the trainer multiplies it by 0)
     assert model(x, labels=none, use_cache=False).loss.item() == 0
-    monkeypatch.setattr(base, "LOSS_CHUNK", 1000)  # all in one piece: taken directly, the same loss
+    monkeypatch.setattr(base, "LOSS_LOGITS", 1000 * model.config.vocab_size)  # all in one piece: taken directly, the same loss
     one = model(x, position_ids=positions, labels=labels, use_cache=False)
     assert one.logits is None
     torch.testing.assert_close(one.loss, full, atol=1e-6, rtol=1e-6)
