@@ -81,13 +81,15 @@ def test_chunked_parallel_is_the_papers_chunk_rule(T, chunk, depth):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_the_backward_matches_autograd_through_the_reference():
-    """The hand-written inner backward (activation slopes included) is differentiated correctly."""
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_the_backward_matches_autograd_through_the_reference(activation):
+    """The hand-written inner backward (activation slopes and their own backward included) is
+    differentiated correctly."""
     weights, *rest = random_memory(T=9, depth=2, B=1)
     leaves = [x.requires_grad_() for x in weights + rest]
     weights, rest = leaves[:2], leaves[2:]
-    reads, _, _ = ours(weights, *rest, chunk=4)
-    ref_reads, _, _ = reference_memory(weights, *rest, chunk=4)
+    reads, _, _ = ours(weights, *rest, chunk=4, activation=activation)
+    ref_reads, _, _ = reference_memory(weights, *rest, chunk=4, activation=activation)
     torch.testing.assert_close(reads, ref_reads, atol=1e-10, rtol=1e-10)
     probe = torch.randn_like(reads)
     for a, b in zip(torch.autograd.grad((reads * probe).sum(), leaves),

@@ -27,24 +27,48 @@ from ..layers import GatedRMSNorm, ShortConvolution
 from .rows import realign, tail, unalign, window_before, write_slots
 
 
-def _gelu(z):
-    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
-    return z * cdf, cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+_INV_SQRT_2PI = 0.3989422804014327
 
 
-def _silu(z):
+def _gelu_slopes(z):
+    """GELU's f'(z) and f''(z) (exact, erf form)."""
+    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * pdf, pdf * (2.0 - z * z)
+
+
+def _silu_slopes(z):
+    """SiLU's f'(z) and f''(z)."""
     s = torch.sigmoid(z)
-    return z * s, s * (1.0 + z * (1.0 - s))
+    return s * (1.0 + z * (1.0 - s)), s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
 
 
-ACTIVATIONS = {"gelu": _gelu, "silu": _silu}  # each returns (f(z), f'(z))
+class _WithSlope(torch.autograd.Function):
+    """(f(z), f'(z)) for the key pass, keeping only z for the backward: written as plain ops, autograd
+    kept four z-sized temporaries per call, the largest share of a Titans step's saved memory."""
+
+    @staticmethod
+    def forward(ctx, z, activation):
+        ctx.activation = activation
+        ctx.save_for_backward(z)
+        return ACTIVATION_FUNCTIONS[activation](z), _SLOPES[activation](z)[0]
+
+    @staticmethod
+    def backward(ctx, d_value, d_slope):
+        (z,) = ctx.saved_tensors
+        slope, curvature = _SLOPES[ctx.activation](z)
+        return d_value * slope + d_slope * curvature, None
+
+
+ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "silu": F.silu}
+_SLOPES = {"gelu": _gelu_slopes, "silu": _silu_slopes}
+ACTIVATIONS = {name: (lambda z, name=name: _WithSlope.apply(z, name)) for name in _SLOPES}  # -> (f(z), f'(z))
 
 
 def mlp_read(weights, x, activation="gelu"):
     """M(x): x [B, T, H, i] through per-row weights [B, H, i, o] (activation between layers)."""
     for n, w in enumerate(weights):
         if n:
-            x = ACTIVATIONS[activation](x)[0]
+            x = ACTIVATION_FUNCTIONS[activation](x)
         x = torch.einsum("bthi,bhio->btho", x, w)
     return x
 
@@ -151,7 +175,7 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
     e = q
     for layer in range(len(W0)):
         if layer:
-            e = ACTIVATIONS[activation](e)[0]
+            e = ACTIVATION_FUNCTIONS[activation](e)
         y = (torch.einsum("bnchi,bnhio->bncho", e, W0[layer]) * keep
              + torch.einsum("bnchi,bnhio->bncho", e, S0[layer]) * from_momentum)
         scores = torch.einsum("bnihd,bnjhd->bnhij", e, inputs[layer]) * co["coef"]
