@@ -135,13 +135,29 @@ def _state_at(weights, momentum, inputs, grads, co, at):
     return new_w, new_s
 
 
+def _chunk_reads(weights, momentum, inputs, grads, co, q, activation):
+    """Every token's read of one chunk through its own weights, q [B, c, H, dk]:
+    x M_i = keep_i·(x M_0) + from_momentum_i·(x S_0) − Σ_j coef_ij (x · input_j) grad_j, layer by layer."""
+    keep, from_momentum = (co[name].transpose(-1, -2)[..., None] for name in ("keep", "from_momentum"))  # [B, c, H, 1]
+    e = q
+    for layer, (w, s, x, g) in enumerate(zip(weights, momentum, inputs, grads)):
+        if layer:
+            e = ACTIVATION_FUNCTIONS[activation](e)
+        y = torch.einsum("bchi,bhio->bcho", e, w) * keep + torch.einsum("bchi,bhio->bcho", e, s) * from_momentum
+        scores = torch.einsum("bihd,bjhd->bhij", e, x) * co["coef"]
+        e = y - torch.einsum("bhij,bjho->biho", scores, g)
+    return e
+
+
 def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, activation="gelu", lengths=None,
                 current=False):
     """The memory over [B, L] tokens from (weights, momentum) (lists of [B, H, i, o], float32 or wider).
 
     k, q [B, L, H, dk]; v [B, L, H, dv]; lr = θ, log_eta = log η, log_keep = log(1 − α) [B, L, H].
-    Only the key pass and the state update go chunk after chunk; the gate coefficients before and
-    the reads after are batched over all chunks. A row's tokens at or past `lengths` [B] (right
+    The gate coefficients are batched over all chunks; the key pass, the reads and the state update
+    go chunk after chunk (reads batched over all chunks would need stacked copies of every chunk's
+    weights, 11% more memory kept for the backward, which kept MAC at 32K from fitting in 24 GB).
+    A row's tokens at or past `lengths` [B] (right
     padding) change none of its state. Returns (reads [B, L, H, dv], weights, momentum) with the
     state after each row's last complete chunk, and with `current` also (weights, momentum) after
     each row's last token (what a token-by-token step goes on from).
@@ -153,33 +169,22 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
     k, v, q = chunks(k), chunks(v), chunks(q)  # [B, n, c, H, d]
     gates = [chunks(t).permute(0, 1, 3, 2) for t in (lr, log_eta, log_keep)]  # [B, n, H, c]
     co = _coefficients(*gates)
-    anchors, saved = [], []
+    anchors, saved, reads = [], [], []
     for i in range(n):
         inputs, grads = _key_pass(weights, k[:, i], v[:, i], activation)
         anchors.append((weights, momentum))
         saved.append((inputs, grads))
+        reads.append(_chunk_reads(weights, momentum, inputs, grads, _chunk(co, i), q[:, i], activation))
         if i == n - 1 and grow:
             break  # an open chunk: nothing settles
         new_w, new_s = _state_at(weights, momentum, inputs, grads, _chunk(co, i), c - 1)
-        if lengths is None:
+        done = None if lengths is None else (lengths >= (i + 1) * c)[:, None, None, None]
+        if done is None or bool(done.all()):
             weights, momentum = new_w, new_s
         else:
-            done = (lengths >= (i + 1) * c)[:, None, None, None]
             weights = [torch.where(done, a, b) for a, b in zip(new_w, weights)]
             momentum = [torch.where(done, a, b) for a, b in zip(new_s, momentum)]
-    # reads, every chunk at once: x M_i = keep·(x M_0) + from_momentum·(x S_0) − Σ_j coef_ij (x · input_j) grad_j
-    stack = lambda part: [torch.stack(t, 1) for t in zip(*part)]  # noqa: E731  per layer [B, n, ...]
-    W0, S0 = stack([a[0] for a in anchors]), stack([a[1] for a in anchors])
-    inputs, grads = stack([x[0] for x in saved]), stack([x[1] for x in saved])
-    keep, from_momentum = (co[name].transpose(-1, -2)[..., None] for name in ("keep", "from_momentum"))
-    e = q
-    for layer in range(len(W0)):
-        if layer:
-            e = ACTIVATION_FUNCTIONS[activation](e)
-        y = (torch.einsum("bnchi,bnhio->bncho", e, W0[layer]) * keep
-             + torch.einsum("bnchi,bnhio->bncho", e, S0[layer]) * from_momentum)
-        scores = torch.einsum("bnihd,bnjhd->bnhij", e, inputs[layer]) * co["coef"]
-        e = y - torch.einsum("bnhij,bnjho->bniho", scores, grads[layer])
+    e = torch.stack(reads, 1)
     reads = e.flatten(1, 2)[:, :L]
     if not current:
         return reads, weights, momentum
