@@ -178,10 +178,10 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
         if i == n - 1 and grow:
             break  # an open chunk: nothing settles
         new_w, new_s = _state_at(weights, momentum, inputs, grads, _chunk(co, i), c - 1)
-        done = None if lengths is None else (lengths >= (i + 1) * c)[:, None, None, None]
-        if done is None or bool(done.all()):
+        if lengths is None:
             weights, momentum = new_w, new_s
         else:
+            done = (lengths >= (i + 1) * c)[:, None, None, None]
             weights = [torch.where(done, a, b) for a, b in zip(new_w, weights)]
             momentum = [torch.where(done, a, b) for a, b in zip(new_s, momentum)]
     e = torch.stack(reads, 1)
