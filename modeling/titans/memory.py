@@ -157,10 +157,10 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
     The gate coefficients are batched over all chunks; the key pass, the reads and the state update
     go chunk after chunk (reads batched over all chunks would need stacked copies of every chunk's
     weights, 11% more memory kept for the backward, which kept MAC at 32K from fitting in 24 GB).
-    A row's tokens at or past `lengths` [B] (right
-    padding) change none of its state. Returns (reads [B, L, H, dv], weights, momentum) with the
-    state after each row's last complete chunk, and with `current` also (weights, momentum) after
-    each row's last token (what a token-by-token step goes on from).
+    A row's tokens at or past `lengths` [B] (right padding) change none of its state. Returns
+    (reads [B, L, H, dv], weights, momentum) with the state after each row's last complete chunk, and
+    with `current` also (weights, momentum) after each row's last token (what a token-by-token step
+    goes on from).
     """
     B, L, H, _ = k.shape
     c, n = chunk_size, math.ceil(L / chunk_size)
@@ -184,8 +184,7 @@ def memory_scan(weights, momentum, k, v, q, lr, log_eta, log_keep, chunk_size, a
             done = (lengths >= (i + 1) * c)[:, None, None, None]
             weights = [torch.where(done, a, b) for a, b in zip(new_w, weights)]
             momentum = [torch.where(done, a, b) for a, b in zip(new_s, momentum)]
-    e = torch.stack(reads, 1)
-    reads = e.flatten(1, 2)[:, :L]
+    reads = torch.cat(reads, 1)[:, :L]
     if not current:
         return reads, weights, momentum
     last = (torch.full((B,), L, device=k.device) if lengths is None else lengths) - 1
