@@ -17,8 +17,8 @@ to hand large blocks back to the system when they are freed) and `max_memory_all
 model FLOPs per token (train/flops.py: 6N plus the token mixing) times tokens/s over the measured
 float32 matmul peak of this process. A model whose first step took longer than `--max-step-seconds` is
 timed on one more step only ("1 step") and skipped at longer sequences, and so is one whose step,
-scaled linearly from its last shape, would take longer; on CPU the process's address space is capped just under the
-machine's memory, so a model that does not fit is reported out of memory instead of killing the run.
+scaled linearly from its last shape, would take longer; on CPU the process's address space is capped
+just under the machine's memory, so a model that does not fit is reported out of memory instead of killing the run.
 `--full-logits-too` also times each recur model with its loss taken from the whole [B, T, vocab]
 float32 logits, as most training code does, and shows the peak memory of recur's chunked cross
 entropy as a ratio of that. The timed steps run with freed memory kept in the process, as

@@ -102,7 +102,6 @@ def scalar_decay_attention(q, k, v, log_decay, scale=None, initial_state=None, o
                 chunk_size, [q, k, v, log_decay], state, cu_seqlens, v.dtype, output_final_state)
 
 
-
 def rwkv6(r, k, v, log_decay, bonus, initial_state=None, output_final_state=False, cu_seqlens=None,
           impl="auto", chunk_size=64):
     """o_t = r_t (S_{t−1} + diag(u) k_tᵀ v_t), then S_t = diag(exp(w_t)) S_{t−1} + k_tᵀ v_t.

@@ -168,7 +168,8 @@ def test_training_loss_in_pieces_equals_the_full_logits_loss(family, monkeypatch
                           for n, p in model.named_parameters() if p.grad is not None)
     none = torch.full_like(labels, -100)  # nothing scored: 0, not NaN (the trainer multiplies it by 0)
     assert model(x, labels=none, use_cache=False).loss.item() == 0
-    monkeypatch.setattr(base, "LOSS_LOGITS", 1000 * model.config.vocab_size)  # all in one piece: taken directly, the same loss
+    # all in one piece: taken directly, the same loss
+    monkeypatch.setattr(base, "LOSS_LOGITS", 1000 * model.config.vocab_size)
     one = model(x, position_ids=positions, labels=labels, use_cache=False)
     assert one.logits is None
     torch.testing.assert_close(one.loss, full, atol=1e-6, rtol=1e-6)

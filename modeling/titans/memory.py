@@ -30,16 +30,18 @@ from .rows import realign, tail, unalign, window_before, write_slots
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-def _gelu_slopes(z):
-    """GELU's f'(z) and f''(z) (exact, erf form)."""
+def _gelu_derivatives(z, second=False):
+    """GELU's f'(z) (exact, erf form), and with `second` also f''(z)."""
     pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    return 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * pdf, pdf * (2.0 - z * z)
+    slope = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476)) + z * pdf
+    return (slope, pdf * (2.0 - z * z)) if second else slope
 
 
-def _silu_slopes(z):
-    """SiLU's f'(z) and f''(z)."""
+def _silu_derivatives(z, second=False):
+    """SiLU's f'(z), and with `second` also f''(z)."""
     s = torch.sigmoid(z)
-    return s * (1.0 + z * (1.0 - s)), s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
+    slope = s * (1.0 + z * (1.0 - s))
+    return (slope, s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))) if second else slope
 
 
 class _WithSlope(torch.autograd.Function):
@@ -50,18 +52,18 @@ class _WithSlope(torch.autograd.Function):
     def forward(ctx, z, activation):
         ctx.activation = activation
         ctx.save_for_backward(z)
-        return ACTIVATION_FUNCTIONS[activation](z), _SLOPES[activation](z)[0]
+        return ACTIVATION_FUNCTIONS[activation](z), _DERIVATIVES[activation](z)
 
     @staticmethod
     def backward(ctx, d_value, d_slope):
         (z,) = ctx.saved_tensors
-        slope, curvature = _SLOPES[ctx.activation](z)
+        slope, curvature = _DERIVATIVES[ctx.activation](z, second=True)
         return d_value * slope + d_slope * curvature, None
 
 
 ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "silu": F.silu}
-_SLOPES = {"gelu": _gelu_slopes, "silu": _silu_slopes}
-ACTIVATIONS = {name: (lambda z, name=name: _WithSlope.apply(z, name)) for name in _SLOPES}  # -> (f(z), f'(z))
+_DERIVATIVES = {"gelu": _gelu_derivatives, "silu": _silu_derivatives}
+ACTIVATIONS = {name: (lambda z, name=name: _WithSlope.apply(z, name)) for name in _DERIVATIVES}  # -> (f(z), f'(z))
 
 
 def mlp_read(weights, x, activation="gelu"):
